@@ -1,0 +1,1 @@
+"""jtok: language models with token-indexed parameters (JTok, JTok-M) on dense and MoE backbones."""

@@ -1,0 +1,287 @@
+"""The decoder: a pre-norm Llama-style transformer whose FFN slot is dense or MoE, optionally
+modulated per layer by token-indexed parameters (JTok or JTok-M), as in METHOD.md.
+
+Shape suffixes: B batch, T time, D d_model, N tokens (B*T), V vocabulary, E experts or tables,
+K selected per token, F hidden size, H heads, Hd head size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from project.config import ModelConfig
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # scalar: the sum of all load-balancing losses
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each [T, Hd/2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head vector by the position's angles."""
+    x1, x2 = x_BHTd.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos_Th - x2 * sin_Th, x2 * cos_Th + x1 * sin_Th), dim=-1)
+    return rotated.to(x_BHTd.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE and optional grouped-query heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def switch_aux_loss(probs_NE: torch.Tensor, topk_idx_NK: torch.Tensor) -> torch.Tensor:
+    """Switch load-balancing term `n * sum_i f_i * P_i` (1.0 when perfectly balanced).
+
+    f_i is the fraction of the N*K routing slots that chose i, P_i the mean routing probability.
+    """
+    n = probs_NE.shape[-1]
+    counts_E = torch.bincount(topk_idx_NK.reshape(-1), minlength=n).to(probs_NE.dtype)
+    f_E = counts_E / topk_idx_NK.numel()
+    return n * (f_E * probs_NE.mean(dim=0)).sum()
+
+
+class MoE(nn.Module):
+    """Shared experts plus token-choice top-k routed SwiGLU experts, with Switch aux loss and/or
+    the aux-loss-free expert bias (which shifts only the selection, not the weights)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, E, Fe = cfg.d_model, cfg.n_routed_experts, cfg.routed_hidden
+        self.top_k, self.score = cfg.moe_top_k, cfg.router_score
+        self.aux_coef, self.bias_rate = cfg.moe_aux_loss_coef, cfg.moe_bias_update_rate
+        self.router = nn.Linear(D, E, bias=False)
+        # n shared experts of width Fe are one SwiGLU of width n*Fe.
+        self.shared = SwiGLU(D, cfg.n_shared_experts * Fe) if cfg.n_shared_experts else None
+        self.w_gate_EDF = nn.Parameter(torch.empty(E, D, Fe))
+        self.w_up_EDF = nn.Parameter(torch.empty(E, D, Fe))
+        self.w_down_EFD = nn.Parameter(torch.empty(E, Fe, D))
+        self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("expert_load", torch.zeros(E), persistent=False)
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_NE = self.router(x_ND).float()
+        scores_NE = logits_NE.softmax(-1) if self.score == "softmax" else logits_NE.sigmoid()
+        topk_idx_NK = (scores_NE + self.expert_bias).topk(self.top_k, dim=-1).indices
+        topk_w_NK = scores_NE.gather(-1, topk_idx_NK)
+        topk_w_NK = topk_w_NK / topk_w_NK.sum(-1, keepdim=True)
+        aux = x_ND.new_zeros((), dtype=torch.float32)
+        if self.training and self.aux_coef > 0:
+            probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
+            aux = self.aux_coef * switch_aux_loss(probs_NE, topk_idx_NK)
+        if self.training and self.bias_rate > 0:
+            self.expert_load += torch.bincount(topk_idx_NK.reshape(-1), minlength=self.expert_load.numel())
+        y_ND = kernels.moe_experts(
+            x_ND, topk_idx_NK, topk_w_NK.to(x_ND.dtype), self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD,
+            validate=False,
+        )
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        return y_ND, aux
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing: nudge under-loaded experts up, over-loaded ones down.
+
+        The load is summed over data-parallel ranks first, so every rank keeps the same bias."""
+        if self.bias_rate <= 0:
+            return
+        load = self.expert_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+class TokenTable(nn.Module):
+    """Token-indexed rows: `[V, d]` (JTok) or a pool `[n_e, V, d]` (JTok-M). Its own module so
+    that the optimizer and FSDP can treat the tables apart from the backbone."""
+
+    def __init__(self, *shape: int, init_std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape))
+        self.init_std = init_std
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+
+class JTok(nn.Module):
+    """JTok: h_next = h~ + m * (1 + s * u/(||u|| + eps)), u = E[x_t]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.jtok_eps
+        self.table = TokenTable(cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std)
+        self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtok_scale_init)))
+
+    def forward(self, h_ND: torch.Tensor, m_ND: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+        return kernels.jtok_gate(m_ND, ids_N, self.table.weight, self.scale, self.eps, residual_ND=h_ND, validate=False)
+
+
+class JTokM(nn.Module):
+    """JTok-M: r = s/sqrt(2L) * e/(||e|| + eps), e = sum over the top-K routed tables of w_i E_i[x_t]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.eps, self.aux_coef = cfg.jtokm_top_k, cfg.jtok_eps, cfg.jtokm_aux_loss_coef
+        self.alpha = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.tables = TokenTable(cfg.jtokm_tables, cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std)
+        self.router = nn.Linear(cfg.d_model, cfg.jtokm_tables, bias=False)
+        self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtokm_scale_init)))
+
+    def forward(self, x_norm_ND: torch.Tensor, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g_NE = self.router(x_norm_ND).float()
+        top_g_NK, topk_idx_NK = g_NE.topk(self.top_k, dim=-1)
+        gate_NK = top_g_NK.sigmoid()
+        topk_w_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
+        aux = x_norm_ND.new_zeros((), dtype=torch.float32)
+        if self.training and self.aux_coef > 0:
+            aux = self.aux_coef * switch_aux_loss(g_NE.softmax(-1), topk_idx_NK)
+        r_ND = kernels.jtok_m_mix(
+            ids_N, self.tables.weight, topk_idx_NK, topk_w_NK.to(self.tables.weight.dtype), self.scale,
+            self.alpha, self.eps, validate=False,
+        )
+        return r_ND.to(x_norm_ND.dtype), aux
+
+
+class Block(nn.Module):
+    """One decoder layer: attention, FFN (dense or MoE), and the optional token-indexed modulator."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.ffn_kind == "moe" else SwiGLU(cfg.d_model, cfg.dense_hidden)
+        self.jtok = JTok(cfg) if cfg.modulator == "jtok" else None
+        self.jtok_m = JTokM(cfg) if cfg.modulator == "jtok_m" else None
+
+    def forward(self, h_BTD, ids_BT, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = h_BTD.shape
+        x_BTD = self.attn_norm(h_BTD)
+        h_BTD = h_BTD + self.attn(x_BTD, cos, sin)
+        h_ND, ids_N = h_BTD.reshape(B * T, D), ids_BT.reshape(B * T)
+        ffn_in_ND = self.ffn_norm(h_ND)
+        if isinstance(self.ffn, MoE):
+            m_ND, aux = self.ffn(ffn_in_ND)
+        else:
+            m_ND, aux = self.ffn(ffn_in_ND), h_ND.new_zeros((), dtype=torch.float32)
+        if self.jtok is not None:
+            h_ND = self.jtok(h_ND, m_ND, ids_N)
+        elif self.jtok_m is not None:
+            # The router reads RMSNorm(h) of the layer input; the attention's norm is reused for it (choice).
+            r_ND, aux_m = self.jtok_m(x_BTD.reshape(B * T, D), ids_N)
+            h_ND, aux = h_ND + m_ND + r_ND, aux + aux_m
+        else:
+            h_ND = h_ND + m_ND
+        return h_ND.view(B, T, D), aux
+
+
+class Transformer(nn.Module):
+    """Token embedding, L blocks, final norm and output head (tied to the embedding by default)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) matrices, output projections scaled by 1/sqrt(2L) (GPT-2 style),
+        Normal(0, table_init_std) token tables; norms and scales keep their constructor values."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, TokenTable):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                is_out = name.endswith(("wo", "w_down"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.w_gate_EDF, std=std)
+                nn.init.normal_(module.w_up_EDF, std=std)
+                nn.init.normal_(module.w_down_EFD, std=out_std)
+
+    def forward(self, ids_BT: torch.Tensor) -> ModelOutput:
+        B, T = ids_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        if self.cfg.check_token_ids:
+            kernels.check_ids(ids_BT, self.cfg.vocab_size, "model")
+        h_BTD = self.tok_emb(ids_BT)
+        aux = h_BTD.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            h_BTD, block_aux = block(h_BTD, ids_BT, self.rope_cos, self.rope_sin)
+            aux = aux + block_aux
+        return ModelOutput(self.lm_head(self.norm(h_BTD)), aux)
+
+    def update_router_biases(self) -> None:
+        """Apply the aux-loss-free bias step of every MoE layer (call once per optimizer step)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.update_bias()
