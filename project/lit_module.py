@@ -1,0 +1,121 @@
+"""The LightningModule shared by every variant: loss, metrics, optimizer groups and schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from project.accounting import flops_per_token, param_counts
+from project.config import ModelConfig
+from project.model import Transformer
+from project.optim import OptimConfig, build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class LMModule(L.LightningModule):
+    """Next-token language modelling for any variant in `project.config.VARIANTS`."""
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any] | None = None, parallel: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig.from_dict(model)
+        self.optim_cfg = OptimConfig.from_dict(optim or {})
+        self.parallel = dict(parallel or {})
+        self.model = Transformer(self.model_cfg)
+        self.val_loss = MeanMetric()
+        self.tokenizer_json: str | None = None  # travels inside checkpoints so they are self-contained
+        self._last_batch_time: float | None = None
+        self.train_tokens = 0
+
+    def forward(self, ids_BT: torch.Tensor):
+        return self.model(ids_BT)
+
+    def configure_model(self) -> None:
+        """Apply FSDP2 / tensor parallel plans when the strategy provides a device mesh."""
+        if self.device_mesh is None:
+            return
+        from project.parallel import apply_fsdp
+
+        apply_fsdp(self.model, self.device_mesh, **self.parallel)
+
+    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        inputs_BT, targets_BT = batch
+        out = self.model(inputs_BT)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BT.flatten())
+        return ce, out.aux_loss, targets_BT.numel()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        ce, aux, n_tokens = self._losses(batch)
+        loss = ce + aux
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step} "
+                f"(cross-entropy {ce.item()}, aux {aux.item()}); the last good checkpoint is kept"
+            )
+        self.train_tokens += n_tokens * self.trainer.world_size
+        self.log_dict(
+            {"train/loss": ce, "train/aux_loss": aux, "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
+            prog_bar=False,
+        )
+        self.log("train/ppl", ce.exp(), prog_bar=True)
+        self.log("train_tokens", float(self.train_tokens))
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_time, 1e-9), prog_bar=True)
+        self._last_batch_time = now
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.model.update_router_biases()
+
+    def on_validation_epoch_start(self) -> None:
+        self._last_batch_time = None  # validation time is not training throughput
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        ce, _, n_tokens = self._losses(batch)
+        self.val_loss.update(ce, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", loss.exp(), sync_dist=False)
+
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if max_steps is None:
+            max_steps = int(self.trainer.estimated_stepping_batches)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokenizer_json"] = self.tokenizer_json
+        checkpoint["train_tokens"] = self.train_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_json = checkpoint.get("tokenizer_json")
+        self.train_tokens = int(checkpoint.get("train_tokens", 0))
+
+    def stats(self) -> dict[str, Any]:
+        """Parameter counts and FLOPs per token of this model (analytic)."""
+        return {"params": param_counts(self.model_cfg), "flops_per_token": flops_per_token(self.model_cfg)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf when it overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")

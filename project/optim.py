@@ -1,0 +1,108 @@
+"""Optimizer parameter groups and learning-rate schedules (warm-up + cosine, WSD)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from project.config import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and schedule settings; `configs/optim/*.yaml` mirror these fields."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    # Token-indexed tables and their scales s_l get their own learning-rate multipliers (METHOD.md):
+    # at 1x, s_l barely moves from its initial value in short runs.
+    table_lr_mult: float = 10.0
+    table_weight_decay: float = 0.0
+    scale_lr_mult: float = 10.0
+    schedule: str = "cosine"
+    warmup_steps: int | float = 0.05  # an int is steps, a float in [0, 1) a fraction of max_steps
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays
+    min_lr_ratio: float = 0.1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OptimConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown optim settings {unknown}; valid ones: {sorted(known)}")
+        cfg = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in values.items()})
+        if cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= cfg.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
+        return cfg
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Four groups: matrices (decay), norms/biases (no decay), token tables, token-indexed scales."""
+    from project.model import JTok, JTokM, TokenTable
+
+    tables, scales = set(), set()
+    for module in model.modules():
+        if isinstance(module, TokenTable):
+            tables.add(id(module.weight))
+        elif isinstance(module, (JTok, JTokM)):
+            scales.add(id(module.scale))
+    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "no_decay": [], "tables": [], "scales": []}
+    for p in model.parameters():  # shared (tied) parameters are yielded once
+        if not p.requires_grad:
+            continue
+        if id(p) in tables:
+            groups["tables"].append(p)
+        elif id(p) in scales:
+            groups["scales"].append(p)
+        elif p.dim() >= 2:
+            groups["matrices"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    settings = {
+        "matrices": dict(lr_mult=1.0, weight_decay=cfg.weight_decay),
+        "no_decay": dict(lr_mult=1.0, weight_decay=0.0),
+        "tables": dict(lr_mult=cfg.table_lr_mult, weight_decay=cfg.table_weight_decay),
+        "scales": dict(lr_mult=cfg.scale_lr_mult, weight_decay=0.0),
+    }
+    return [
+        {"name": name, "params": params, "lr": cfg.lr * settings[name]["lr_mult"], **settings[name]}
+        for name, params in groups.items()
+        if params
+    ]
+
+
+def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """The multiplier of the base learning rate at `step` (0-based)."""
+    warmup = int(cfg.warmup_steps * max_steps) if isinstance(cfg.warmup_steps, float) else int(cfg.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = max_steps - int(cfg.decay_fraction * max_steps)  # WSD: warm-up, stable, linear decay
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return 1.0 - (1 - floor) * progress
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int):
+    """AdamW over `param_groups` with a LambdaLR following `lr_factor`."""
+    groups = param_groups(model, cfg)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, max_steps, cfg))
+    return opt, sched

@@ -1,0 +1,123 @@
+"""The train stage: prepare data, build the variant, fit, validate, write the run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from project.config import ConfigError, ModelConfig
+from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
+from project.lit_module import LMModule, perplexity
+
+log = logging.getLogger(__name__)
+
+
+class TrainTimer(Callback):
+    """Wall time spent in training batches (validation and checkpointing excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.tokens = 0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += batch[0].numel() * trainer.world_size
+
+
+def model_settings(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
+    """The model section with V taken from the tokenizer (or checked against it)."""
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    if settings.get("vocab_size") is None:
+        settings["vocab_size"] = vocab_size
+    elif settings["vocab_size"] < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={settings['vocab_size']} is smaller than the tokenizer's vocabulary ({vocab_size}): "
+            f"ids would fall outside the tables. Leave model.vocab_size=null to take it from the tokenizer."
+        )
+    ModelConfig.from_dict(settings)
+    return settings
+
+
+def check_resume(ckpt_path: str, settings: dict[str, Any]) -> None:
+    """Fail before training if the checkpoint is unreadable or belongs to another model."""
+    if Path(ckpt_path).is_dir():
+        return  # a sharded checkpoint: the strategy reads and checks it
+    saved = read_checkpoint(ckpt_path)["hyper_parameters"]["model"]
+    diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"checkpoint {ckpt_path} was trained with a different model ({detail})")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback]) -> L.Trainer:
+    """Instantiate `cfg.trainer` with the run directory's checkpointing and CSV metrics."""
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=-1 if cfg.checkpoint.keep_all else 1,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+    )
+    logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    strategy = cfg.trainer.get("strategy", "auto")
+    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) and strategy in ("auto", "ddp") else None
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=[ckpt, *extra_callbacks], logger=logger, default_root_dir=str(run_dir), plugins=plugins
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the train stage and return the summary it wrote to `run_dir/summary.json`."""
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    settings = model_settings(cfg, datamodule.vocab_size)
+    if cfg.ckpt_path:
+        check_resume(cfg.ckpt_path, settings)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
+
+    module = LMModule(
+        model=settings,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        parallel=OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True),
+    )
+    module.tokenizer_json = datamodule.tokenizer.to_str()
+    timer = TrainTimer()
+    trainer = build_trainer(cfg, run_dir, [timer])
+    log.info("variant %s: %s", settings["variant"], module.stats())
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+
+    summary = {
+        "variant": settings["variant"],
+        "seed": cfg.seed,
+        **module.stats(),
+        "train_tokens": module.train_tokens,
+        "steps": trainer.global_step,
+        "val_loss": float(val["val/loss"]),
+        "val_ppl": perplexity(float(val["val/loss"])),
+        "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
+        "train_seconds": timer.seconds,
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "eval": {},
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
