@@ -90,8 +90,14 @@ def switch_aux_loss(probs_NE: torch.Tensor, topk_idx_NK: torch.Tensor) -> torch.
     """
     n = probs_NE.shape[-1]
     counts_E = torch.bincount(topk_idx_NK.reshape(-1), minlength=n).to(probs_NE.dtype)
-    f_E = counts_E / topk_idx_NK.numel()
-    return n * (f_E * probs_NE.mean(dim=0)).sum()
+    slots = torch.tensor(float(topk_idx_NK.numel()), device=counts_E.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # f is a count over the global batch (P's gradient is averaged by data parallelism), so the
+        # loss equals the single-device loss on the same global batch.
+        stats = torch.cat([counts_E, slots[None]])
+        torch.distributed.all_reduce(stats)
+        counts_E, slots = stats[:-1], stats[-1]
+    return n * (counts_E / slots * probs_NE.mean(dim=0)).sum()
 
 
 class MoE(nn.Module):

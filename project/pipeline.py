@@ -82,6 +82,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the train stage and return the summary it wrote to `run_dir/summary.json`."""
     run_dir = Path(cfg.run_dir).resolve()
+    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
+        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -96,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = LMModule(
         model=settings,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        parallel=OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True),
+        parallel=OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg else {},
     )
     module.tokenizer_json = datamodule.tokenizer.to_str()
     timer = TrainTimer()

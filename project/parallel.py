@@ -1,0 +1,106 @@
+"""Data parallelism for the decoder: FSDP2 wrapping (used by `trainer=fsdp`) and sharded-checkpoint
+consolidation. Kept apart from the model definition, as in torchtitan.
+
+    python -m project.parallel consolidate RUN/checkpoints/last.ckpt OUT.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from project.model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str | None, device_type: str) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return torch.bfloat16 if device_type == "cuda" and name == "auto" else None
+    if name not in DTYPES:
+        raise ValueError(f"parallel dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def apply_fsdp(
+    model: Transformer,
+    device_mesh,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = "auto",
+    reduce_dtype: str | None = "float32",
+    cpu_offload: bool = False,
+) -> Transformer:
+    """Shard `model` in place with FSDP2 over the mesh's data-parallel dimension.
+
+    Units, innermost first:
+    - each layer's token-indexed modulator (JTok / JTok-M: its tables plus scale and router). The
+      tables are the bulk of the parameters but each step touches few rows, so they get their own
+      all-gather / reduce-scatter, which can be offloaded or resharded independently of the block;
+      the lookup runs inside the modulator's forward, so FSDP's hooks gather the tables around it;
+    - each transformer block (attention, FFN or MoE experts, norms);
+    - untied: the token embedding, and the final norm with the output head. Tied: both stay in
+      the root unit, since FSDP2 cannot split one parameter across two units;
+    - the root module (everything left).
+    `param_dtype="auto"` computes in bf16 on GPU and fp32 on CPU; gradients reduce in `reduce_dtype`.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
+    device_type = mesh.device_type
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, device_type), reduce_dtype=_dtype(reduce_dtype, device_type))
+    common: dict[str, Any] = dict(
+        mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    )
+    for block in model.layers:
+        for modulator in (block.jtok, block.jtok_m):
+            if modulator is not None:
+                fully_shard(modulator, reshard_after_forward=reshard_after_forward, **common)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
+    if not model.cfg.tie_embeddings:
+        fully_shard(model.tok_emb, reshard_after_forward=reshard_after_forward, **common)
+        # The head runs last in forward and first in backward: keeping it gathered saves one all-gather.
+        fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **common)
+    fully_shard(model, reshard_after_forward=False, **common)
+    return model
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder written by distributed checkpointing (Lightning's sharded format)."""
+    path = Path(path)
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
+def consolidate(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
+    """Merge a sharded checkpoint folder into one file loadable on a single device (and by eval).
+
+    Runs in one process without a process group; it needs the full model in CPU memory."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    from project.io import AtomicCheckpointIO
+
+    folder, out_file = Path(folder), Path(out_file)
+    if not is_sharded_checkpoint(folder):
+        raise ValueError(f"{folder} is not a sharded checkpoint folder (no meta.pt inside)")
+    checkpoint = _load_distributed_checkpoint(folder)
+    # Optimizer states stay in the folder: the consolidated file is for evaluation and fine-tuning.
+    checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out_file)
+    return out_file
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m project.parallel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cons = sub.add_parser("consolidate", help="merge a sharded checkpoint folder into one .ckpt file")
+    cons.add_argument("folder")
+    cons.add_argument("out_file")
+    args = parser.parse_args(argv)
+    print(consolidate(args.folder, args.out_file))
+
+
+if __name__ == "__main__":
+    main()

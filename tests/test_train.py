@@ -1,0 +1,161 @@
+"""The train stage end to end: config composition, every variant through the pipeline, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from project.config import VARIANTS, ConfigError
+from project.lit_module import LMModule, NonFiniteLossError
+from project.pipeline import model_settings, train
+
+from conftest import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"variant", "params", "flops_per_token", "train_tokens", "steps", "val_loss", "val_ppl", "tokens_per_sec", "eval"}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_model_option_composes_to_its_variant(variant):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={variant}"])
+    assert cfg.model.variant == variant
+    assert cfg.model.max_seq_len == cfg.data.seq_len
+    assert model_settings(cfg, vocab_size=2048)["vocab_size"] == 2048
+
+
+def test_unknown_model_option_names_the_valid_ones():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with pytest.raises(MissingConfigException) as err:
+            compose(config_name="config", overrides=["model=jtok_q"])
+    assert all(name in str(err.value) for name in VARIANTS)
+
+
+def test_unknown_variant_value_names_the_valid_ones(make_cfg):
+    cfg = make_cfg("model.variant=jtok_q")
+    with pytest.raises(ConfigError, match="valid variants: baseline, jtok, jtok_m, moe, moe_jtok, moe_jtok_m"):
+        model_settings(cfg, vocab_size=100)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_dev_run(variant, make_cfg):
+    cfg = make_cfg(f"model={variant}")
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    module = LMModule(model=model_settings(cfg, dm.vocab_size), optim=dict(cfg.optim))
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pipeline_trains_every_variant_and_writes_a_complete_run_dir(variant, make_cfg, tmp_path):
+    cfg = make_cfg(f"model={variant}", "trainer.max_steps=12", "optim.lr=1e-2")
+    summary = train(cfg)
+    run = Path(cfg.run_dir)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert set(on_disk["params"]) == {"total", "backbone", "token_indexed", "active_per_token"}
+    assert on_disk["variant"] == variant and on_disk["steps"] == 12 and on_disk["eval"] == {}
+    assert on_disk["train_tokens"] == 12 * cfg.data.batch_size * cfg.data.seq_len
+    m = cfg.model
+    V = json.loads((run / "tokenizer.json").read_text())["model"]["vocab"].__len__()
+    expected_ti = {"none": 0, "jtok": m.n_layers * V * m.d_model, "jtok_m": m.n_layers * m.jtokm_tables * V * m.d_model}
+    assert on_disk["params"]["token_indexed"] == expected_ti[VARIANTS[variant][1]]
+    assert on_disk["val_ppl"] == pytest.approx(math.exp(on_disk["val_loss"]))
+    losses = train_losses(run)
+    assert losses[max(losses)] < losses[min(losses)]  # it learns
+    assert on_disk["val_loss"] < math.log(V)
+    for name in ("config.yaml", "metrics.csv", "tokenizer.json", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(make_cfg, tmp_path):
+    full = make_cfg("model=jtok_m", "trainer.max_steps=6", "checkpoint.keep_all=true", run_dir=tmp_path / "full")
+    train(full)
+    midway = tmp_path / "full/checkpoints/step0000003.ckpt"  # as if the run had stopped after step 3
+    resumed = make_cfg("model=jtok_m", "trainer.max_steps=6", f"ckpt_path={midway}", run_dir=tmp_path / "resumed")
+    summary = train(resumed)
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+    assert summary["steps"] == 6 and set(b) == {3, 4, 5}
+    for step in (3, 4, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+    assert summary["train_tokens"] == 6 * full.data.batch_size * full.data.seq_len
+
+
+def test_resume_rejects_a_checkpoint_of_another_model(make_cfg, tmp_path):
+    train(make_cfg("model=baseline", "trainer.max_steps=3", run_dir=tmp_path / "a"))
+    cfg = make_cfg("model=jtok", f"ckpt_path={tmp_path / 'a/checkpoints/last.ckpt'}", run_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match="variant: checkpoint 'baseline' vs config 'jtok'"):
+        train(cfg)
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_unreadable_or_missing_checkpoint_fails_before_training(make_cfg, tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = make_cfg(f"ckpt_path={path}")
+    with pytest.raises((ValueError, FileNotFoundError), match="bad.ckpt"):
+        train(cfg)
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(make_cfg):
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's vocabulary"):
+        train(make_cfg("model.vocab_size=100"))
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatch):
+    cfg = make_cfg("trainer.max_steps=8", "checkpoint.every_n_train_steps=2")
+    real = LMModule._losses
+
+    def poisoned(self, batch):
+        ce, aux, n = real(self, batch)
+        return (ce * float("nan") if self.training and self.global_step >= 5 else ce), aux, n
+
+    monkeypatch.setattr(LMModule, "_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 5"):
+        train(cfg)
+    ckpt = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_run_py_command_line(data_cache, tmp_path):
+    run_dir = tmp_path / "cli"
+    env = {**os.environ, "JTOK_CACHE_DIR": str(data_cache)}
+    proc = subprocess.run(
+        [sys.executable, "run.py", "experiment=smoke", "model=moe_jtok", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["variant"] == "moe_jtok" and summary["steps"] == 6
+    bad = subprocess.run(
+        [sys.executable, "run.py", "experiment=smoke", "model=jtok_q", f"hydra.run.dir={tmp_path / 'bad'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "baseline" in bad.stderr and "jtok_m" in bad.stderr
