@@ -35,17 +35,19 @@ class LMModule(L.LightningModule):
         self.tokenizer_json: str | None = None  # travels inside checkpoints so they are self-contained
         self._last_batch_time: float | None = None
         self.train_tokens = 0
+        self._sharded = False
 
     def forward(self, ids_BT: torch.Tensor):
         return self.model(ids_BT)
 
     def configure_model(self) -> None:
         """Apply FSDP2 / tensor parallel plans when the strategy provides a device mesh."""
-        if self.device_mesh is None:
-            return
+        if self.device_mesh is None or self._sharded:
+            return  # Lightning calls this again for every trainer.fit / validate
         from project.parallel import apply_fsdp
 
         apply_fsdp(self.model, self.device_mesh, **self.parallel)
+        self._sharded = True
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         inputs_BT, targets_BT = batch
@@ -62,11 +64,10 @@ class LMModule(L.LightningModule):
                 f"(cross-entropy {ce.item()}, aux {aux.item()}); the last good checkpoint is kept"
             )
         self.train_tokens += n_tokens * self.trainer.world_size
-        self.log_dict(
-            {"train/loss": ce, "train/aux_loss": aux, "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
-            prog_bar=False,
-        )
-        self.log("train/ppl", ce.exp(), prog_bar=True)
+        # Averaged over data-parallel ranks (one scalar all-reduce), so it is the global batch's loss.
+        self.log_dict({"train/loss": ce, "train/aux_loss": aux}, sync_dist=True)
+        self.log("train/ppl", ce.exp(), prog_bar=True, sync_dist=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train_tokens", float(self.train_tokens))
         return loss
 
@@ -90,8 +91,9 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", loss.exp(), sync_dist=False)
+        # The metric is already reduced over ranks; sync_dist only silences Lightning's warning.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None

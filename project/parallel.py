@@ -92,6 +92,18 @@ def consolidate(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     return out_file
 
 
+def single_file_checkpoint(path: str | os.PathLike) -> Path:
+    """`path` itself for a single-file checkpoint; for a sharded folder, its consolidated sibling
+    `<name>.consolidated.ckpt` (written once, rewritten when the folder is newer)."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        return path
+    out = path.with_name(path.stem + ".consolidated.ckpt")
+    if not out.is_file() or out.stat().st_mtime < (path / "meta.pt").stat().st_mtime:
+        consolidate(path, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m project.parallel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from project.config import ConfigError, ModelConfig
 from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
 from project.lit_module import LMModule, perplexity
+from project.parallel import single_file_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero:
+        checkpoint = single_file_checkpoint(checkpoint)  # sharded runs: one file for eval and reuse
     summary = {
         "variant": settings["variant"],
         "seed": cfg.seed,
@@ -117,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val_ppl": perplexity(float(val["val/loss"])),
         "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
         "train_seconds": timer.seconds,
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": str(checkpoint),
         "eval": {},
     }
     if trainer.is_global_zero:
