@@ -400,3 +400,22 @@ def test_model_trains_the_same_with_triton_kernels(variant, monkeypatch):
     if variant == "moe_jtok_m":
         assert calls["moe_experts"] == 6
     assert got == pytest.approx(want, abs=1e-4), (got, want)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_bench_writes_the_table(tmp_path, capsys):
+    import csv
+
+    from kernels import bench
+
+    out = tmp_path / "k.csv"
+    assert bench.main(["--tokens", "64", "--d", "40", "--vocab", "50", "--experts", "4", "--hidden", "24",
+                       "--min-time", "0.01", "--no-interpret", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["op"], r["mode"], r["impl"]) for r in rows} >= {
+        (op, mode, "reference") for op in OPS for mode in ("forward", "backward", "full")
+    }
+    assert all(float(r["ms"]) > 0 for r in rows if r["impl"] == "reference")
+    assert "needs a GPU" in capsys.readouterr().out
