@@ -11,8 +11,9 @@ import hydra
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from project.accounting import flops_per_token
 from project.config import ConfigError, ModelConfig
 from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
 from project.lit_module import LMModule, perplexity
@@ -80,17 +81,41 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback
     )
 
 
+def tokens_per_step(cfg: DictConfig) -> int:
+    """Global training tokens per optimizer step."""
+    devices = cfg.trainer.get("devices", 1)
+    world = (devices if isinstance(devices, int) else 1) * cfg.trainer.get("num_nodes", 1)
+    return cfg.data.batch_size * cfg.data.seq_len * world * cfg.trainer.get("accumulate_grad_batches", 1)
+
+
+def apply_flops_budget(cfg: DictConfig, settings: dict[str, Any]) -> None:
+    """With `train_flops` set, train for `train_flops / (flops_per_token x tokens_per_step)` steps."""
+    if cfg.get("train_flops") is None:
+        return
+    per_step = flops_per_token(ModelConfig.from_dict(settings), cfg.data.seq_len) * tokens_per_step(cfg)
+    steps = int(float(cfg.train_flops) // per_step)
+    if steps < 1:
+        raise ConfigError(f"train_flops={cfg.train_flops:.3g} is less than one step ({per_step:.3g} FLOPs)")
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps
+        if isinstance(cfg.trainer.get("val_check_interval"), int):
+            cfg.trainer.val_check_interval = min(cfg.trainer.val_check_interval, steps)
+        cfg.checkpoint.every_n_train_steps = min(cfg.checkpoint.every_n_train_steps, steps)
+    log.info("train_flops=%.3g: %d steps of %.3g FLOPs", float(cfg.train_flops), steps, per_step)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the train stage and return the summary it wrote to `run_dir/summary.json`."""
     run_dir = Path(cfg.run_dir).resolve()
-    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
-        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     settings = model_settings(cfg, datamodule.vocab_size)
+    apply_flops_budget(cfg, settings)
+    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
+        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, settings)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -159,3 +159,17 @@ def test_run_py_command_line(data_cache, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "baseline" in bad.stderr and "jtok_m" in bad.stderr
+
+
+def test_a_flops_budget_sets_the_number_of_steps(make_cfg):
+    from project.accounting import flops_per_token
+    from project.config import ModelConfig
+
+    probe = make_cfg("model=jtok_m")
+    settings = model_settings(probe, vocab_size=384)
+    per_step = flops_per_token(ModelConfig.from_dict(settings), 32) * 4 * 32
+    summary = train(make_cfg("model=jtok_m", f"train_flops={7.5 * per_step}"))
+    assert summary["steps"] == 7
+    assert summary["train_tokens"] * summary["flops_per_token"] <= 7.5 * per_step
+    with pytest.raises(ConfigError, match="less than one step"):
+        train(make_cfg("model=jtok_m", f"train_flops={0.5 * per_step}"))
