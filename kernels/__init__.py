@@ -103,17 +103,12 @@ def moe_experts(x_ND, topk_idx_NK, topk_w_NK, w_gate_EDF, w_up_EDF, w_down_EFD, 
 
 
 def _register_triton() -> None:
-    """Register the Triton ops that import (triton may be absent or lack a GPU driver)."""
-    # The per-op modules (kernels/jtok_gate.py, ...) share the ops' names, and importing a submodule
-    # rebinds `kernels.<name>` to it: put the boundary functions back afterwards.
-    boundary = {name: globals()[name] for name in ("jtok_gate", "jtok_m_mix", "moe_experts")}
+    """Register the Triton ops if they import (ImportError when triton is absent)."""
     try:
-        from kernels import triton_ops  # noqa: F401  (module added with the Triton kernels)
+        from kernels.ops import OPS
     except ImportError:
         return
-    finally:
-        globals().update(boundary)
-    _TRITON_OPS.update(triton_ops.OPS)
+    _TRITON_OPS.update(OPS)
 
 
 _register_triton()

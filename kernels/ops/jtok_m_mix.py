@@ -1,0 +1,130 @@
+"""JTok-M mixture: `r = alpha * s * e / (||e|| + eps)`, `e = sum_k w_k * E_{idx_k}[ids]`, forward and backward.
+
+Forward: one program per block of rows loops over the K selected tables, gathers and mixes the
+rows in fp32 and normalises; e is never written. Backward recomputes e (K more gathers rather than
+keeping an [N, d] fp32 activation), forms de once, then a second pass over the K rows gives dw_k =
+<de, E_k[id]>; the table gradient w_k * de is reduced per unique (table, id) pair by
+`dedup_rows.segment_sum_rows`, reading de and w directly (no [N*K, d] buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops.dedup_rows import segment_sum_rows
+from kernels.ops.jtok_gate import num_warps_for, row_block
+
+
+@triton.jit
+def _mix_rows(ids, rows, row_mask, mask, cols, tables_ptr, idx_ptr, w_ptr, stride_te, stride_tv, K,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        t = tl.load(idx_ptr + rows * K + k, mask=row_mask, other=0).to(tl.int64)
+        # the reference casts w to the table dtype before mixing
+        wk = tl.load(w_ptr + rows * K + k, mask=row_mask, other=0.0).to(tables_ptr.dtype.element_ty).to(tl.float32)
+        row = tl.load(tables_ptr + t[:, None] * stride_te + ids[:, None] * stride_tv + cols[None, :], mask=mask, other=0.0)
+        e += wk[:, None] * row.to(tl.float32)
+    return e
+
+
+@triton.jit
+def _jtok_m_mix_fwd_kernel(
+    ids_ptr, tables_ptr, idx_ptr, w_ptr, scale_ptr, out_ptr,
+    N, D, K, stride_te, stride_tv, alpha, eps,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    e = _mix_rows(ids, rows, row_mask, mask, cols, tables_ptr, idx_ptr, w_ptr, stride_te, stride_tv, K, BLOCK_N, BLOCK_D)
+    norm = tl.sqrt(tl.sum(e * e, axis=1))
+    s = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = alpha * s[None, :] * (e / (norm + eps)[:, None])
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _jtok_m_mix_bwd_kernel(
+    g_ptr, ids_ptr, tables_ptr, idx_ptr, w_ptr, scale_ptr, de_ptr, dw_ptr, ds_part_ptr,
+    N, D, K, stride_g, stride_te, stride_tv, alpha, eps,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    e = _mix_rows(ids, rows, row_mask, mask, cols, tables_ptr, idx_ptr, w_ptr, stride_te, stride_tv, K, BLOCK_N, BLOCK_D)
+    norm = tl.sqrt(tl.sum(e * e, axis=1))
+    inv = 1.0 / (norm + eps)
+    s = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32) * alpha
+
+    tl.store(ds_part_ptr + pid * D + cols, tl.sum(g * e * inv[:, None], axis=0), mask=col_mask)
+    dunit = g * s[None, :]
+    proj = tl.sum(dunit * e, axis=1)
+    coef = tl.where(norm > 0, proj * inv * inv / tl.where(norm > 0, norm, 1.0), 0.0)
+    de = dunit * inv[:, None] - e * coef[:, None]
+    tl.store(de_ptr + rows64[:, None] * D + cols[None, :], de, mask=mask)
+    for k in range(K):
+        t = tl.load(idx_ptr + rows * K + k, mask=row_mask, other=0).to(tl.int64)
+        row = tl.load(tables_ptr + t[:, None] * stride_te + ids[:, None] * stride_tv + cols[None, :], mask=mask, other=0.0)
+        tl.store(dw_ptr + rows * K + k, tl.sum(de * row.to(tl.float32), axis=1), mask=row_mask)
+
+
+class JTokMMixFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps):
+        ids_N, tables_EVD, scale_D = ids_N.contiguous(), tables_EVD.contiguous(), scale_D.contiguous()
+        topk_idx_NK, topk_w_NK = topk_idx_NK.contiguous(), topk_w_NK.contiguous()
+        N, K = topk_idx_NK.shape
+        D = tables_EVD.shape[2]
+        out_ND = torch.empty(N, D, dtype=torch.promote_types(tables_EVD.dtype, scale_D.dtype), device=tables_EVD.device)
+        BLOCK_N, BLOCK_D = row_block(D)
+        if N > 0:
+            _jtok_m_mix_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+                ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, out_ND,
+                N, D, K, tables_EVD.stride(0), tables_EVD.stride(1), alpha, eps,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D),
+            )
+        ctx.save_for_backward(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D)
+        ctx.alpha, ctx.eps = alpha, eps
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D = ctx.saved_tensors
+        grad_ND = grad_ND.contiguous()
+        N, K = topk_idx_NK.shape
+        n_tables, V, D = tables_EVD.shape
+        BLOCK_N, BLOCK_D = row_block(D)
+        n_prog = triton.cdiv(N, BLOCK_N)
+        de_ND = torch.empty(N, D, dtype=torch.float32, device=grad_ND.device)
+        dw_NK = torch.empty(N, K, dtype=torch.float32, device=grad_ND.device)
+        ds_part_PD = torch.zeros(max(n_prog, 1), D, dtype=torch.float32, device=grad_ND.device)
+        if N > 0:
+            _jtok_m_mix_bwd_kernel[(n_prog,)](
+                grad_ND, ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, de_ND, dw_NK, ds_part_PD,
+                N, D, K, grad_ND.stride(0), tables_EVD.stride(0), tables_EVD.stride(1), ctx.alpha, ctx.eps,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D),
+            )
+        d_tables = None
+        if ctx.needs_input_grad[1]:
+            keys_NK = topk_idx_NK.to(torch.int64) * V + ids_N.to(torch.int64)[:, None]
+            w_NK = topk_w_NK.to(tables_EVD.dtype)  # as in the reference's mixing
+            d_tables = segment_sum_rows(de_ND, keys_NK, n_tables * V, tables_EVD.dtype, slot_scale_S=w_NK).view(n_tables, V, D)
+        return None, d_tables, None, dw_NK.to(topk_w_NK.dtype), ds_part_PD.sum(0).to(scale_D.dtype), None, None
+
+
+def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float, eps: float):
+    """Triton `reference.jtok_m_mix`."""
+    return JTokMMixFunction.apply(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps)
