@@ -2,8 +2,13 @@
 `python run.py -m model=baseline,jtok,jtok_m,moe` sweeps them; `stage=eval` / `stage=report`
 run a single stage. See README.md."""
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
+
+# Noise from Lightning 2.6 on torch 2.13, not actionable by users.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 STAGES = ("train", "eval", "report")
 
