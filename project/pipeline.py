@@ -18,17 +18,24 @@ from project.config import ConfigError, ModelConfig
 from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
 from project.lit_module import LMModule, perplexity
 from project.parallel import single_file_checkpoint
+from project.probe import KnowledgeProbe
 
 log = logging.getLogger(__name__)
 
 
 class TrainTimer(Callback):
-    """Wall time spent in training batches (validation and checkpointing excluded)."""
+    """Wall time spent in training batches (validation and checkpointing excluded), and the step
+    of the latest validation."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.tokens = 0
         self._start = 0.0
+        self.validated_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -128,10 +135,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     module.tokenizer_json = datamodule.tokenizer.to_str()
     timer = TrainTimer()
-    trainer = build_trainer(cfg, run_dir, [timer])
+    callbacks: list[Callback] = [timer]
+    if cfg.probe.enabled and datamodule.qa_path is not None:
+        callbacks.append(KnowledgeProbe(datamodule.qa_path, module.tokenizer_json, cfg.probe.max_items))
+    trainer = build_trainer(cfg, run_dir, callbacks)
     log.info("variant %s: %s", settings["variant"], module.stats())
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if timer.validated_at == trainer.global_step and "val/loss" in trainer.callback_metrics:
+        val = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the final weights were just validated
+    else:
+        val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
