@@ -1,0 +1,423 @@
+"""The lm-eval adapter, the benchmark plumbing and the eval stage, offline over invented fixture datasets.
+
+The fixture datasets follow the stock schemas (MMLU, ARC, CEval) in Hugging Face folder layout, with every
+subject config the stock groups need and one or two invented items each. Scores are checked against a hand
+computation from the model's own log-probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from eval import benchmarks
+from eval.adapter import JTokLM
+from eval.stage import evaluate_checkpoint
+from project.checkpoint import load_model
+from project.config import ModelConfig
+from project.data.tokenizer import EOS, train_tokenizer
+from project.model import Transformer
+
+MAX_SEQ_LEN = 32
+TINY_MODEL = {"variant": "moe_jtok", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": MAX_SEQ_LEN,
+              "n_routed_experts": 4, "moe_top_k": 2}  # fmt: skip
+WORDS = ("quib", "zarn", "florp", "mendle", "skiv", "trollop", "vantic", "gorble", "plinth", "wexa", "dromal", "yusk")
+HAN = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_hub(tmp_path_factory):
+    """HF_HUB_OFFLINE=1 and a private datasets cache for the whole module (also patched if already imported).
+
+    Torch runs on one thread meanwhile: the models are tiny, and spinning threads on a busy 2-core machine
+    slow the evaluation down several-fold."""
+    cache = tmp_path_factory.mktemp("hf-datasets-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            mp.setenv(var, "1")
+        mp.setenv("HF_DATASETS_CACHE", str(cache))
+        import datasets.config
+        import huggingface_hub.constants
+
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+    torch.set_num_threads(threads)
+
+
+def _sentence(rng_index: int, n: int = 4) -> str:
+    return " ".join(WORDS[(rng_index * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = ["Question: why does the " + _sentence(i) + "?\nAnswer: " + _sentence(i + 1, 2) for i in range(30)] + [
+        "The following are multiple choice questions (with answers) about " + _sentence(i) for i in range(10)
+    ]
+    corpus += ["".join(HAN[(i + k) % len(HAN)] for k in range(12)) + "答案：" for i in range(20)]
+    corpus += [f"Fenwick Dray lives in Quibholm. Item {i}: A. B. C. D." for i in range(10)]
+    return train_tokenizer(iter(corpus), vocab_size=320, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A tiny randomly initialised moe_jtok model (context of 32 tokens) saved as a jtok checkpoint."""
+    cfg = ModelConfig.from_dict({**TINY_MODEL, "vocab_size": tokenizer.get_vocab_size()})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": cfg.to_dict()},
+                "tokenizer_json": tokenizer.to_str()}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def lm(loaded, checkpoint) -> JTokLM:
+    return JTokLM.from_loaded(loaded, batch_size=3, checkpoint=str(checkpoint))
+
+
+def _mmlu_rows(subject: str, split: str, n: int) -> list[dict]:
+    return [
+        {"question": f"Which {_sentence(i)} does the {subject.split('_')[0]} quib use?", "subject": subject,
+         "choices": [_sentence(i + k, 2) for k in range(4)], "answer": (i + len(subject)) % 4}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _ceval_rows(subject: str, n: int) -> list[dict]:
+    def han(i: int, k: int) -> str:
+        return "".join(HAN[(i * 5 + k * 3 + j) % len(HAN)] for j in range(3))
+
+    return [
+        {"id": i, "question": f"{han(i, 9)}{subject[:4]}？", "A": han(i, 0), "B": han(i, 1), "C": han(i, 2),
+         "D": han(i, 3), "answer": "ABCD"[(i + len(subject)) % 4], "explanation": ""}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _arc_rows(config: str, split: str, n: int) -> list[dict]:
+    return [
+        {"id": f"{config}-{split}-{i}", "question": f"Why does the {_sentence(i + len(split))} florp?",
+         "choices": {"text": [_sentence(i + k, 2) for k in range(4)], "label": ["A", "B", "C", "D"]},
+         "answerKey": "ABCD"[(i * 3 + len(config)) % 4]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, offline_hub) -> Path:
+    """Invented MMLU / ARC / CEval copies in Hugging Face layout, written like `eval.export_benchmarks` does."""
+    from datasets import Dataset
+
+    from eval.export_benchmarks import write_hf_folder
+
+    root = tmp_path_factory.mktemp("benchmarks")
+    ds = Dataset.from_list
+    mmlu = {s: {"test": ds(_mmlu_rows(s, "test", 2)), "validation": ds(_mmlu_rows(s, "validation", 1)),
+                "dev": ds(_mmlu_rows(s, "dev", 2))} for s in benchmarks.dataset_configs("mmlu")}  # fmt: skip
+    ceval = {s: {"val": ds(_ceval_rows(s, 2)), "dev": ds(_ceval_rows(s, 2)), "test": ds(_ceval_rows(s, 1))}
+             for s in benchmarks.dataset_configs("ceval")}  # fmt: skip
+    arc = {c: {sp: ds(_arc_rows(c, sp, n)) for sp, n in (("train", 4), ("validation", 2), ("test", 12))}
+           for c in ("ARC-Easy", "ARC-Challenge")}  # fmt: skip
+    write_hf_folder(root / "cais/mmlu", mmlu)
+    write_hf_folder(root / "ceval/ceval-exam", ceval)
+    write_hf_folder(root / "allenai/ai2_arc", arc)
+    return root
+
+
+@pytest.fixture(scope="module")
+def qa_path(tmp_path_factory) -> Path:
+    """A facts QA file in the data module's format with training and held-out template items."""
+    names, cities = ["Fenwick Dray", "Olla Mirt", "Quib Zarn"], [" Quibholm", " Zarnwick", " Florport", " Skivmere"]
+    rows = []
+    for i, name in enumerate(names):
+        for split, prompt in (("train", f"{name} lives in"), ("heldout", f"The home city of {name} is")):
+            rows.append({"entity": name, "attribute": "city", "template": 0 if split == "train" else 5,
+                         "template_split": split, "prompt": prompt, "choices": cities, "label": i % 4})  # fmt: skip
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+EVAL_CFG = {
+    "benchmarks": ["facts_qa", "mmlu", "arc_easy", "arc_challenge", "ceval"],
+    "num_fewshot": {"facts_qa": 0, "mmlu": 0, "arc_easy": 0, "arc_challenge": 3, "ceval": 1},
+    "batch_size": 4,
+    "device": "cuda:0",  # falls back to the CPU here
+    "offline": True,
+    "strict": True,
+}
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory, checkpoint, data_dir, qa_path):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = evaluate_checkpoint(checkpoint, {**EVAL_CFG, "data_dir": str(data_dir)}, run_dir, qa_path=qa_path)
+    return SimpleNamespace(summary=summary, run_dir=run_dir, record=json.loads((run_dir / "eval.json").read_text()))
+
+
+# ---------------------------------------------------------------- hand computation
+
+
+def direct_loglikelihood(loaded, context: str, continuation: str) -> tuple[float, bool]:
+    """TemplateLM's token split and left truncation, scored by one unpadded forward pass."""
+    tok, model, eot = loaded.tokenizer, loaded.model, loaded.tokenizer.token_to_id(EOS)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if context:
+        ctx = tok.encode(context).ids
+        cont = tok.encode(context + continuation).ids[len(ctx) :]
+    else:
+        ctx, cont = [eot], tok.encode(continuation).ids
+    ids = (ctx + cont)[-(MAX_SEQ_LEN + 1) :]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids[:-1]])).logits[0].float().log_softmax(-1)
+    positions = range(len(ids) - 1 - len(cont), len(ids) - 1)
+    total = sum(float(logprobs[p, t]) for p, t in zip(positions, cont))
+    greedy = all(int(logprobs[p].argmax()) == t for p, t in zip(positions, cont))
+    return total, greedy
+
+
+def hand_accuracy(loaded, items: list[tuple[str, list[str], int]]) -> tuple[float, int]:
+    """Accuracy of argmax over choices, and how many items have a near-tie (margin < 1e-4) at the top."""
+    correct = ties = 0
+    for context, choices, label in items:
+        scores = [direct_loglikelihood(loaded, context, c)[0] for c in choices]
+        ranked = sorted(scores, reverse=True)
+        correct += max(range(len(scores)), key=scores.__getitem__) == label
+        ties += ranked[0] - ranked[1] < 1e-4
+    return correct / len(items), ties
+
+
+def requests(*args) -> list[SimpleNamespace]:
+    return [SimpleNamespace(args=a) for a in args]
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+def test_registered_with_the_builtin_models_and_built_from_cli_arguments(checkpoint):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("jtok") is JTokLM
+    assert get_model("dummy") is not None  # the built-in registry survived our registration
+    lm = JTokLM.create_from_arg_string(f"checkpoint={checkpoint}", {"batch_size": "auto", "device": "cuda:0"})
+    assert lm.device == torch.device("cpu") and isinstance(lm.batch_size, int)
+    assert JTokLM.create_from_arg_string(f"pretrained={checkpoint}", {"batch_size": "5"}).batch_size == 5
+
+
+def test_loglikelihood_matches_a_direct_forward_pass(lm, loaded):
+    long_context = "Question: " + " ".join(_sentence(i) for i in range(12)) + "\nAnswer:"
+    cases = [
+        ("Question: why does the quib zarn?\nAnswer:", " florp mendle"),
+        ("Fenwick Dray lives in ", "Quibholm"),  # the trailing space moves into the continuation
+        (long_context, " skiv trollop"),  # longer than the model's 32-token context: cut from the left
+        (long_context + " vantic", " A"),
+        ("", "quib zarn florp"),  # empty context: conditioned on EOS
+    ]
+    assert len(lm.tok_encode(long_context)) > MAX_SEQ_LEN
+    got = lm.loglikelihood(requests(*cases), disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(cases, got, strict=True):
+        want, want_greedy = direct_loglikelihood(loaded, context, continuation)
+        assert logprob == pytest.approx(want, abs=1e-4), (context[-30:], continuation)
+        assert greedy == want_greedy
+
+
+def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(lm, loaded):
+    text = "Fenwick Dray lives in Quibholm."
+    ids = loaded.tokenizer.encode(text).ids
+    eot = loaded.tokenizer.token_to_id(EOS)
+    with torch.no_grad():
+        logprobs = loaded.model(torch.tensor([[eot] + ids[:-1]])).logits[0].log_softmax(-1)
+    want = sum(float(logprobs[i, t]) for i, t in enumerate(ids))
+    long_text = " ".join(_sentence(i) for i in range(20))  # several windows of max_seq_len
+    short, long = lm.loglikelihood_rolling(requests((text,), (long_text,)), disable_tqdm=True)
+    assert short == pytest.approx(want, abs=1e-4)
+    assert len(loaded.tokenizer.encode(long_text).ids) > 2 * MAX_SEQ_LEN and long < short < 0
+
+
+def hand_greedy(loaded, prompt: str, steps: int) -> str:
+    """Greedy decoding by hand: append the argmax token, feeding the last max_seq_len tokens; cut at EOS."""
+    tok, eot = loaded.tokenizer, loaded.tokenizer.token_to_id(EOS)
+    ids = tok.encode(prompt).ids
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(loaded.model(torch.tensor([ids[-MAX_SEQ_LEN:]])).logits[0, -1].argmax()))
+            if ids[-1] == eot:
+                break
+    return tok.decode(ids[start:], skip_special_tokens=False).split(EOS)[0]
+
+
+def test_generate_until_is_greedy_and_stops_at_until(lm, loaded):
+    prompts = ["Question: why does the quib zarn?\nAnswer:", "Fenwick Dray lives in", "甲乙丙丁" * 10]
+    batched = lm.generate_until(requests(*[(p, {"until": [], "max_gen_toks": 8}) for p in prompts]), disable_tqdm=True)
+    assert batched == [hand_greedy(loaded, p, 8) for p in prompts]  # greedy, max_gen_toks, right padding
+    text = max(batched, key=lambda t: len(t.replace("\ufffd", "")))
+    stop = next(text[i : i + 2] for i in range(1, len(text)) if "\ufffd" not in text[i : i + 2])
+    prompt = prompts[batched.index(text)]
+    (stopped,) = lm.generate_until(requests((prompt, {"until": [stop], "max_gen_toks": 8})), disable_tqdm=True)
+    assert stopped == text[: text.index(stop)]
+    (stopped,) = lm.generate_until(requests((prompt, {"until": stop, "max_new_tokens": 8})), disable_tqdm=True)
+    assert stopped == text[: text.index(stop)]  # a single string and lm-eval's alias for max_gen_toks
+
+
+# ---------------------------------------------------------------- benchmarks and the stage
+
+
+def test_local_override_yamls_only_replace_the_dataset_path(data_dir, tmp_path):
+    found = benchmarks.write_local_tasks(data_dir, tmp_path)
+    assert sorted(found) == ["arc_challenge", "arc_easy", "ceval", "mmlu"]
+    spec = yaml.safe_load((tmp_path / "mmlu.yaml").read_text())
+    assert spec == {"include": str(benchmarks.LM_EVAL_TASKS / "mmlu/default/_mmlu.yaml"),
+                    "dataset_path": str(data_dir / "cais/mmlu")}  # fmt: skip
+    assert len(benchmarks.dataset_configs("mmlu")) == 57 and len(benchmarks.dataset_configs("ceval-valid")) == 52
+
+
+def test_stock_tasks_over_local_copies_match_a_hand_computation(stage_run, loaded, data_dir):
+    import datasets
+
+    summary = stage_run.summary
+    arc = datasets.load_dataset(str(data_dir / "allenai/ai2_arc"), "ARC-Easy", split="test")
+    items = [(f"Question: {d['question']}\nAnswer:", [" " + t for t in d["choices"]["text"]],
+              d["choices"]["label"].index(d["answerKey"])) for d in arc]  # fmt: skip
+    want, ties = hand_accuracy(loaded, items)
+    assert summary["arc_easy"]["n_samples"] == len(items) and summary["arc_easy"]["num_fewshot"] == 0
+    assert abs(summary["arc_easy"]["acc"] - want) <= ties / len(items)
+
+    manager = benchmarks.task_manager()
+    items = []
+    for task in benchmarks.leaf_tasks(manager, "mmlu"):
+        cfg = manager.task_index[task].cfg
+        for d in datasets.load_dataset(str(data_dir / "cais/mmlu"), cfg["dataset_name"], split="test"):
+            context = (
+                cfg["description"]
+                + d["question"].strip()
+                + "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", d["choices"]))
+                + "\nAnswer:"
+            )
+            items.append((context, [" A", " B", " C", " D"], d["answer"]))
+    assert max(len(loaded.tokenizer.encode(c).ids) for c, _, _ in items) > MAX_SEQ_LEN  # truncation happened
+    want, ties = hand_accuracy(loaded, items)
+    assert summary["mmlu"]["n_samples"] == len(items) == 57 * 2
+    assert abs(summary["mmlu"]["acc"] - want) <= ties / len(items)
+    assert summary["mmlu"]["stderr"] > 0
+
+
+def test_few_shot_prompts_longer_than_the_context_still_score(stage_run):
+    summary = stage_run.summary
+    assert summary["arc_challenge"]["num_fewshot"] == 3 and summary["arc_challenge"]["n_samples"] == 12
+    assert summary["ceval"] == {**summary["ceval"], "status": "ok", "task": "ceval-valid", "num_fewshot": 1}
+    assert summary["ceval"]["n_samples"] == 52 * 2 and 0 <= summary["ceval"]["acc_norm"] <= 1
+
+
+def test_facts_qa_scores_each_template_split_like_the_hand_computation(stage_run, loaded, qa_path):
+    summary = stage_run.summary
+    rows = [json.loads(line) for line in qa_path.read_text().splitlines()]
+    for split in ("heldout", "train"):
+        items = [(r["prompt"], r["choices"], r["label"]) for r in rows if r["template_split"] == split]
+        want, ties = hand_accuracy(loaded, items)
+        entry = summary[f"facts_qa_{split}"]
+        assert entry["n_samples"] == len(items) and entry["num_fewshot"] == 0
+        assert abs(entry["acc"] - want) <= ties / len(items)
+    pooled = summary["facts_qa"]
+    assert pooled["n_samples"] == len(rows)
+    assert pooled["acc"] == pytest.approx((summary["facts_qa_heldout"]["acc"] + summary["facts_qa_train"]["acc"]) / 2)
+
+
+def test_eval_json_holds_lm_eval_results_per_benchmark(stage_run, checkpoint):
+    record, summary = stage_run.record, stage_run.summary
+    assert list(summary)[:3] == ["facts_qa", "facts_qa_heldout", "facts_qa_train"]
+    assert record["summary"] == summary and record["checkpoint"] == str(checkpoint) and record["hub_offline"]
+    mmlu = record["benchmarks"]["mmlu"]
+    assert mmlu["status"] == "ok" and "mmlu_anatomy" in mmlu["results"] and "mmlu_stem" in mmlu["groups"]
+    assert mmlu["results"]["mmlu"]["acc,none"] == summary["mmlu"]["acc"]
+    assert mmlu["versions"]["mmlu_anatomy"] is not None and mmlu["n-shot"]["mmlu_anatomy"] == 0
+    assert record["benchmarks"]["arc_easy"]["config"]["limit"] is None
+    assert (stage_run.run_dir / "lm_eval_tasks" / "facts_qa_heldout.yaml").is_file()
+
+
+def test_a_missing_benchmark_fails_fast_when_asked_for_explicitly(checkpoint, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(benchmarks.BenchmarkUnavailable) as err:
+        evaluate_checkpoint(checkpoint, {"benchmarks": ["arc_easy"], "offline": True}, tmp_path, strict=True)
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert "allenai/ai2_arc" in message and "eval.data_dir" in message
+    assert "python -m eval.export_benchmarks" in message and "cache" in message
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_missing_benchmark_is_recorded_while_the_others_score(checkpoint, qa_path, tmp_path):
+    empty = tmp_path / "no-benchmarks"
+    empty.mkdir()
+    cfg = {"benchmarks": ["mmlu", "facts_qa"], "offline": True, "data_dir": str(empty)}
+    summary = evaluate_checkpoint(checkpoint, cfg, tmp_path / "run", qa_path=qa_path)
+    assert summary["mmlu"]["status"] == "unavailable"
+    assert "cais/mmlu" in summary["mmlu"]["reason"] and "has no cais/mmlu folder" in summary["mmlu"]["reason"]
+    assert summary["facts_qa"]["status"] == "ok" and summary["facts_qa"]["n_samples"] == 6
+    record = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert record["benchmarks"]["mmlu"]["status"] == "unavailable"
+    no_qa = evaluate_checkpoint(checkpoint, {"benchmarks": ["facts_qa"], "offline": True}, tmp_path / "run2")
+    assert no_qa["facts_qa"]["status"] == "unavailable" and "QA file" in no_qa["facts_qa"]["reason"]
+
+
+def test_disabled_and_unknown_settings(checkpoint, tmp_path):
+    assert evaluate_checkpoint(checkpoint, {"enabled": False}, tmp_path) == {}
+    with pytest.raises(ValueError, match="unknown eval settings"):
+        evaluate_checkpoint(checkpoint, {"n_shot": 5}, tmp_path)
+
+
+def test_facts_qa_tasks_follow_the_splits_in_the_file(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "x", "choices": [" a", " b"], "label": 0, "template_split": "train"}) + "\n")
+    tasks = benchmarks.write_facts_qa_tasks(qa, tmp_path / "tasks")
+    assert list(tasks) == ["facts_qa_train"]
+    spec = yaml.safe_load(tasks["facts_qa_train"].read_text())
+    assert spec["dataset_kwargs"] == {"data_files": {"test": str(qa.resolve())}}
+    assert os.path.isfile(spec["include"])
+
+
+def test_export_writes_the_layout_the_stage_reads(data_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from eval.export_benchmarks import export
+
+    real_load = datasets.load_dataset
+    calls = []
+
+    def from_fixture(repo, config):  # stands in for the Hub
+        calls.append((repo, config))
+        return real_load(str(data_dir / repo), config)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_fixture)
+    written = export(tmp_path / "out", ["arc_easy", "arc_challenge"])
+    assert calls == [("allenai/ai2_arc", "ARC-Easy"), ("allenai/ai2_arc", "ARC-Challenge")]
+    assert list(written) == ["allenai/ai2_arc"]
+    front = yaml.safe_load((tmp_path / "out/allenai/ai2_arc/README.md").read_text().split("---")[1])
+    assert [c["config_name"] for c in front["configs"]] == ["ARC-Easy", "ARC-Challenge"]
+    assert sorted(p.name for p in (tmp_path / "out/lm_eval_tasks").iterdir()) == ["arc_challenge.yaml", "arc_easy.yaml"]
+    monkeypatch.setattr(datasets, "load_dataset", real_load)
+    test = real_load(str(tmp_path / "out/allenai/ai2_arc"), "ARC-Challenge", split="test")
+    assert test.to_list() == real_load(str(data_dir / "allenai/ai2_arc"), "ARC-Challenge", split="test").to_list()
