@@ -5,6 +5,7 @@ run a single stage. See README.md."""
 import warnings
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # Noise from Lightning 2.6 on torch 2.13, not actionable by users.
@@ -19,12 +20,15 @@ def main(cfg: DictConfig):
 
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} is not one of {', '.join(STAGES)}")
-    if cfg.stage == "train":
-        from project.pipeline import train
+    from project import pipeline
 
-        summary = train(cfg)
-        return summary["val_loss"]
-    raise ConfigError(f"stage={cfg.stage} is not available yet")
+    if cfg.stage == "train":
+        return pipeline.train(cfg)["val_loss"]
+    if cfg.stage == "eval":
+        overrides = HydraConfig.get().overrides.task
+        pipeline.evaluate(cfg, explicit_benchmarks=any(o.startswith("eval.benchmarks") for o in overrides))
+    else:
+        pipeline.report(cfg)
 
 
 if __name__ == "__main__":

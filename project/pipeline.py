@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -163,5 +164,54 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "eval": {},
     }
     if trainer.is_global_zero:
+        atomic_write_json(run_dir / "summary.json", summary)  # training results are safe before eval starts
+        summary["eval"] = run_eval(cfg, checkpoint, run_dir, datamodule.qa_path)
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def run_eval(cfg: DictConfig, checkpoint: Path, run_dir: Path, qa_path: Path | None, strict: bool | None = None):
+    """The eval stage on one checkpoint: lm-eval benchmarks and the facts probe (see eval/stage.py)."""
+    if not cfg.eval.enabled:
+        return {}
+    from eval.stage import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, OmegaConf.to_container(cfg.eval, resolve=True), run_dir, qa_path, strict=strict)
+
+
+def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, Any]:
+    """`stage=eval ckpt_path=...`: evaluate an existing checkpoint. When it lies in a run's
+    `checkpoints/` folder, that run's eval.json and summary.json are updated; otherwise the results
+    go to this stage's run dir. Benchmarks named on the command line must be available."""
+    if not cfg.ckpt_path:
+        raise ConfigError("stage=eval needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
+    source = Path(cfg.ckpt_path).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    checkpoint = single_file_checkpoint(source)
+    read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
+    owner = source.parent.parent
+    run_dir = owner if (owner / "summary.json").is_file() else Path(cfg.run_dir).resolve()
+    qa_path = None
+    if cfg.data.get("source", {}).get("_target_", "").endswith("FactsSource"):
+        datamodule = hydra.utils.instantiate(cfg.data)
+        datamodule.prepare_data()  # cached: finds the QA file of the facts corpus
+        qa_path = datamodule.qa_path
+    strict = True if explicit_benchmarks else None
+    results = run_eval(cfg, checkpoint, run_dir, qa_path, strict=strict)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["eval"] = results
+        atomic_write_json(summary_path, summary)
+    return results
+
+
+def report(cfg: DictConfig) -> dict[str, Any]:
+    """`stage=report runs=GLOB`: the ablation table and plots over finished runs."""
+    if not cfg.runs:
+        raise ConfigError("stage=report needs runs=GLOB (e.g. runs='runs/multirun_*') or a list of run folders")
+    from eval.report import build_report
+
+    globs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    return build_report(globs, cfg.report_dir or cfg.run_dir)

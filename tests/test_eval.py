@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from benchmark_fixtures import HAN, WORDS, sentence
+from benchmark_fixtures import write_benchmark_fixtures
 from eval import benchmarks
 from eval.adapter import JTokLM
 from eval.stage import evaluate_checkpoint
@@ -28,8 +30,6 @@ from project.model import Transformer
 MAX_SEQ_LEN = 32
 TINY_MODEL = {"variant": "moe_jtok", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": MAX_SEQ_LEN,
               "n_routed_experts": 4, "moe_top_k": 2}  # fmt: skip
-WORDS = ("quib", "zarn", "florp", "mendle", "skiv", "trollop", "vantic", "gorble", "plinth", "wexa", "dromal", "yusk")
-HAN = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"
 
 
 # ---------------------------------------------------------------- fixtures
@@ -59,14 +59,10 @@ def offline_hub(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _sentence(rng_index: int, n: int = 4) -> str:
-    return " ".join(WORDS[(rng_index * 7 + k * 3) % len(WORDS)] for k in range(n))
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    corpus = ["Question: why does the " + _sentence(i) + "?\nAnswer: " + _sentence(i + 1, 2) for i in range(30)] + [
-        "The following are multiple choice questions (with answers) about " + _sentence(i) for i in range(10)
+    corpus = ["Question: why does the " + sentence(i) + "?\nAnswer: " + sentence(i + 1, 2) for i in range(30)] + [
+        "The following are multiple choice questions (with answers) about " + sentence(i) for i in range(10)
     ]
     corpus += ["".join(HAN[(i + k) % len(HAN)] for k in range(12)) + "答案：" for i in range(20)]
     corpus += [f"Fenwick Dray lives in Quibholm. Item {i}: A. B. C. D." for i in range(10)]
@@ -96,53 +92,10 @@ def lm(loaded, checkpoint) -> JTokLM:
     return JTokLM.from_loaded(loaded, batch_size=3, checkpoint=str(checkpoint))
 
 
-def _mmlu_rows(subject: str, split: str, n: int) -> list[dict]:
-    return [
-        {"question": f"Which {_sentence(i)} does the {subject.split('_')[0]} quib use?", "subject": subject,
-         "choices": [_sentence(i + k, 2) for k in range(4)], "answer": (i + len(subject)) % 4}
-        for i in range(n)
-    ]  # fmt: skip
-
-
-def _ceval_rows(subject: str, n: int) -> list[dict]:
-    def han(i: int, k: int) -> str:
-        return "".join(HAN[(i * 5 + k * 3 + j) % len(HAN)] for j in range(3))
-
-    return [
-        {"id": i, "question": f"{han(i, 9)}{subject[:4]}？", "A": han(i, 0), "B": han(i, 1), "C": han(i, 2),
-         "D": han(i, 3), "answer": "ABCD"[(i + len(subject)) % 4], "explanation": ""}
-        for i in range(n)
-    ]  # fmt: skip
-
-
-def _arc_rows(config: str, split: str, n: int) -> list[dict]:
-    return [
-        {"id": f"{config}-{split}-{i}", "question": f"Why does the {_sentence(i + len(split))} florp?",
-         "choices": {"text": [_sentence(i + k, 2) for k in range(4)], "label": ["A", "B", "C", "D"]},
-         "answerKey": "ABCD"[(i * 3 + len(config)) % 4]}
-        for i in range(n)
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, offline_hub) -> Path:
     """Invented MMLU / ARC / CEval copies in Hugging Face layout, written like `eval.export_benchmarks` does."""
-    from datasets import Dataset
-
-    from eval.export_benchmarks import write_hf_folder
-
-    root = tmp_path_factory.mktemp("benchmarks")
-    ds = Dataset.from_list
-    mmlu = {s: {"test": ds(_mmlu_rows(s, "test", 2)), "validation": ds(_mmlu_rows(s, "validation", 1)),
-                "dev": ds(_mmlu_rows(s, "dev", 2))} for s in benchmarks.dataset_configs("mmlu")}  # fmt: skip
-    ceval = {s: {"val": ds(_ceval_rows(s, 2)), "dev": ds(_ceval_rows(s, 2)), "test": ds(_ceval_rows(s, 1))}
-             for s in benchmarks.dataset_configs("ceval")}  # fmt: skip
-    arc = {c: {sp: ds(_arc_rows(c, sp, n)) for sp, n in (("train", 4), ("validation", 2), ("test", 12))}
-           for c in ("ARC-Easy", "ARC-Challenge")}  # fmt: skip
-    write_hf_folder(root / "cais/mmlu", mmlu)
-    write_hf_folder(root / "ceval/ceval-exam", ceval)
-    write_hf_folder(root / "allenai/ai2_arc", arc)
-    return root
+    return write_benchmark_fixtures(tmp_path_factory.mktemp("benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +181,7 @@ def test_registered_with_the_builtin_models_and_built_from_cli_arguments(checkpo
 
 
 def test_loglikelihood_matches_a_direct_forward_pass(lm, loaded):
-    long_context = "Question: " + " ".join(_sentence(i) for i in range(12)) + "\nAnswer:"
+    long_context = "Question: " + " ".join(sentence(i) for i in range(12)) + "\nAnswer:"
     cases = [
         ("Question: why does the quib zarn?\nAnswer:", " florp mendle"),
         ("Fenwick Dray lives in ", "Quibholm"),  # the trailing space moves into the continuation
@@ -251,7 +204,7 @@ def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(lm, loaded):
     with torch.no_grad():
         logprobs = loaded.model(torch.tensor([[eot] + ids[:-1]])).logits[0].log_softmax(-1)
     want = sum(float(logprobs[i, t]) for i, t in enumerate(ids))
-    long_text = " ".join(_sentence(i) for i in range(20))  # several windows of max_seq_len
+    long_text = " ".join(sentence(i) for i in range(20))  # several windows of max_seq_len
     short, long = lm.loglikelihood_rolling(requests((text,), (long_text,)), disable_tqdm=True)
     assert short == pytest.approx(want, abs=1e-4)
     assert len(loaded.tokenizer.encode(long_text).ids) > 2 * MAX_SEQ_LEN and long < short < 0
