@@ -155,12 +155,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         **module.stats(),
         "train_tokens": module.train_tokens,
+        "train_flops": module.train_tokens * module.stats()["flops_per_token"],
+        "train_flops_budget": cfg.get("train_flops"),
         "steps": trainer.global_step,
         "val_loss": float(val["val/loss"]),
         "val_ppl": perplexity(float(val["val/loss"])),
         "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
         "train_seconds": timer.seconds,
         "checkpoint": str(checkpoint),
+        "model": settings,
         "eval": {},
     }
     if trainer.is_global_zero:
