@@ -19,11 +19,11 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_cfg(data_cache, tmp_path):
-    """compose(overrides) -> the project's config with `experiment=smoke`, a tmp run dir and the shared cache."""
+    """compose(overrides) -> the project's config with `experiment=smoke`, no eval stage, a tmp run dir and the shared cache."""
 
     def _compose(*overrides: str, run_dir: Path | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["experiment=smoke", *overrides])
+            cfg = compose(config_name="config", overrides=["experiment=smoke", "eval.enabled=false", *overrides])
         with open_dict(cfg):
             cfg.run_dir = str(run_dir or tmp_path / "run")
             cfg.data.cache_dir = str(data_cache)
