@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton decides when it is first imported whether kernels are compiled or interpreted; on these
+# CPU-only machines the kernel tests run the real kernels through the interpreter. Setting it here,
+# before any test module imports triton, is harmless elsewhere: CPU tensors never reach Triton
+# unless JTOK_KERNELS=triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -11,16 +11,11 @@ from __future__ import annotations
 import os
 
 # Triton decides at decoration time whether a function (its own `tl.sum`, `tl.sigmoid`, ... as
-# well as ours) is compiled or interpreted, so this must be set before triton is first imported. If
-# another test module imported triton earlier in this pytest process, the interpreter cannot be
-# switched on any more: then this module's tests are skipped here and run in a fresh subprocess by
-# `test_kernels_in_subprocess` instead (measured: about 30 s either way).
-os.environ["TRITON_INTERPRET"] = "1"
+# well as ours) is compiled or interpreted, so this must be set before triton is first imported
+# (tests/conftest.py sets it for the whole pytest process).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -42,22 +37,9 @@ if INTERPRETED:
     assert isinstance(gate_mod._jtok_gate_fwd_kernel, InterpretedFunction)
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if not INTERPRETED and request.node.originalname != "test_kernels_in_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: covered by test_kernels_in_subprocess")
-
-
-def test_kernels_in_subprocess():
-    if INTERPRETED:
-        pytest.skip("the interpreter is on in this process: the tests run here")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+if not INTERPRETED:
+    pytest.skip("these tests run the kernels under TRITON_INTERPRET=1 (set before triton is imported)",
+                allow_module_level=True)
 
 
 # ----------------------------------------------------------------------------- helpers
