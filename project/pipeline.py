@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import time
@@ -89,6 +91,40 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback
     )
 
 
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> list[dict[str, str]]:
+    """Refuse to start a fresh run over a finished or checkpointed one; when resuming in place,
+    return the metric rows already logged there (Lightning's CSV logger would delete them)."""
+    checkpoints = run_dir / "checkpoints"
+    occupied = (run_dir / "summary.json").is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    if occupied and not cfg.ckpt_path and not cfg.get("overwrite", False):
+        raise ConfigError(
+            f"{run_dir} already holds a run: resume it with ckpt_path={checkpoints / 'last.ckpt'}, "
+            f"choose another hydra.run.dir, or pass overwrite=true"
+        )
+    metrics = run_dir / "metrics.csv"
+    if not cfg.ckpt_path or not metrics.is_file():
+        return []
+    with open(metrics, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merge_metrics(run_dir: Path, earlier: list[dict[str, str]]) -> None:
+    """Put the rows logged before a resume back in front of the resumed run's rows."""
+    path = run_dir / "metrics.csv"
+    if not earlier or not path.is_file():
+        return
+    with open(path, newline="") as f:
+        later = list(csv.DictReader(f))
+    first = min((int(r["step"]) for r in later if r.get("step")), default=None)
+    kept = [r for r in earlier if first is None or (r.get("step") and int(r["step"]) < first)]
+    fields = list(dict.fromkeys([*(later[0].keys() if later else []), *(kept[0].keys() if kept else [])]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(kept + later)
+    atomic_write_text(path, out.getvalue())
+
+
 def tokens_per_step(cfg: DictConfig) -> int:
     """Global training tokens per optimizer step."""
     devices = cfg.trainer.get("devices", 1)
@@ -126,6 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, settings)
+    earlier_metrics = check_run_dir(run_dir, cfg)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
 
@@ -141,7 +178,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(KnowledgeProbe(datamodule.qa_path, module.tokenizer_json, cfg.probe.max_items))
     trainer = build_trainer(cfg, run_dir, callbacks)
     log.info("variant %s: %s", settings["variant"], module.stats())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        if trainer.is_global_zero:
+            merge_metrics(run_dir, earlier_metrics)
     if timer.validated_at == trainer.global_step and "val/loss" in trainer.callback_metrics:
         val = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the final weights were just validated
     else:

@@ -173,3 +173,18 @@ def test_a_flops_budget_sets_the_number_of_steps(make_cfg):
     assert summary["train_tokens"] * summary["flops_per_token"] <= 7.5 * per_step
     with pytest.raises(ConfigError, match="less than one step"):
         train(make_cfg("model=jtok_m", f"train_flops={0.5 * per_step}"))
+
+
+def test_a_finished_run_is_never_overwritten_and_resuming_in_place_keeps_its_metrics(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_cfg("trainer.max_steps=6", "checkpoint.keep_all=true", run_dir=run_dir))
+    before = (run_dir / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(make_cfg("trainer.max_steps=6", run_dir=run_dir))
+    assert (run_dir / "metrics.csv").read_text() == before
+
+    midway = run_dir / "checkpoints" / "step0000003.ckpt"
+    train(make_cfg("trainer.max_steps=6", f"ckpt_path={midway}", run_dir=run_dir))
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [0, 1, 2, 3, 4, 5]  # steps 0-2 from before the resume, 3-5 after it
+    train(make_cfg("trainer.max_steps=6", "overwrite=true", run_dir=run_dir))
