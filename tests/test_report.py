@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eval.report import build_report
@@ -98,3 +99,168 @@ def test_flops_come_from_logged_train_tokens(runs):
 def test_no_matching_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs found"):
         build_report([str(tmp_path / "nothing-*")], tmp_path / "out")
+
+
+# ---------------------------------------------------------------- the analyses over synthetic runs with known answers
+
+
+def fake_run(folder: Path, variant: str, seed: int, val_loss: float, *, model: dict | None = None,
+             budget: float | None = None, params: dict | None = None, fpt: int = 1000,
+             curve: list[tuple[int, float, float]] | None = None, evals: dict | None = None) -> Path:  # fmt: skip
+    """A run folder with summary.json (model settings, budget) and optionally a metrics.csv of
+    (step, val loss, facts held-out) validations at 100 tokens per step."""
+    folder.mkdir(parents=True)
+    summary = {
+        "variant": variant, "seed": seed, "val_loss": val_loss, "flops_per_token": fpt, "steps": 100,
+        "train_tokens": 10_000, "train_flops_budget": budget, "model": {"variant": variant, **(model or {})},
+        "params": params or {"total": 1000, "backbone": 1000, "token_indexed": 0, "active_per_token": 1000},
+        "eval": evals or {},
+    }  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if curve:
+        rows = ["step,train_tokens,val/loss,probe/facts_qa_heldout"]
+        rows += [f"{step},{(step + 1) * 100},{loss},{acc}" for step, loss, acc in curve]
+        (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_seeds_are_aggregated_per_group_with_welch_deltas(tmp_path):
+    from eval import analysis
+
+    sweep = tmp_path / "seeds"
+    base, jtok = [3.00, 3.02, 2.98], [2.90, 2.93, 2.91]
+    for s, (b, j) in enumerate(zip(base, jtok)):
+        acc = {"facts_qa": {"status": "ok", "acc": 0.3 + 0.01 * s, "stderr": 0.02}}
+        fake_run(sweep / f"{2 * s}_baseline_s{s}", "baseline", s, b, evals=acc)
+        acc = {"facts_qa": {"status": "ok", "acc": 0.31 + 0.02 * s, "stderr": 0.02}}
+        fake_run(sweep / f"{2 * s + 1}_jtok_s{s}", "jtok", s, j, evals=acc)
+    fake_run(sweep / "6_jtok_m_s0", "jtok_m", 0, 2.95)
+    report = build_report([str(sweep)], tmp_path / "out")
+
+    recs = {(r["metric"], r["variant"]): r for r in report["seeds"]}
+    loss = recs[("val_loss", "jtok")]
+    expected = analysis.welch_delta(jtok, base)
+    assert (loss["n"], loss["seeds"], loss["values"]) == (3, [0, 1, 2], jtok)
+    assert loss["mean"] == pytest.approx(sum(jtok) / 3) and loss["std"] == pytest.approx(analysis.summarize(jtok).std)
+    assert (loss["delta"], loss["ci_low"], loss["ci_high"]) == (expected.estimate, expected.low, expected.high)
+    assert loss["verdict"] == "better" and loss["vs"] == "baseline"
+    acc = recs[("facts_qa_acc", "jtok")]
+    assert acc["ci_low"] < 0 < acc["ci_high"] and acc["verdict"] == "within noise"
+    single = recs[("val_loss", "jtok_m")]
+    assert single["n"] == 1 and single["ci_low"] is None and single["verdict"] == "n=1: no interval"
+    md = report["analysis_markdown"]
+    row = f"| jtok | 3 | {loss['mean']:.4f} ± {loss['std']:.4f} | s0: 2.9000, s1: 2.9300, s2: 2.9100 | baseline |"
+    assert row in md
+    assert "| jtok_m | 1 | 2.9500 (n=1) |" in md and "n=1: no interval" in md and "within noise" in md
+    assert (tmp_path / "out" / "seeds.csv").read_text().count("\n") == len(report["seeds"]) + 1
+    assert report["isoflop"] is None and report["scaling"] == []  # nothing to fit
+
+
+def test_groups_split_on_settings_that_matter_to_the_variant(tmp_path):
+    sweep = tmp_path / "s"
+    for seed in (0, 1):
+        fake_run(sweep / f"b{seed}", "baseline", seed, 3.0, model={"jtokm_tables": 5, "d_model": 64})
+        for n_e in (2, 4):
+            fake_run(sweep / f"m{n_e}_{seed}", "jtok_m", seed, 2.9, model={"jtokm_tables": n_e, "d_model": 64})
+    fake_run(sweep / "wide", "baseline", 0, 2.8, model={"jtokm_tables": 5, "d_model": 128})
+    report = build_report([str(sweep)], tmp_path / "out")
+    labels = {g["label"]: len(g["runs"]) for g in report["groups"]}
+    assert labels == {"baseline (d_model=64)": 2, "jtok_m (d_model=64, jtokm_tables=2)": 2,
+                      "jtok_m (d_model=64, jtokm_tables=4)": 2, "baseline (d_model=128)": 1}  # fmt: skip
+    vs = {r["group"]: r["vs"] for r in report["seeds"] if r["metric"] == "val_loss"}
+    assert vs["jtok_m (d_model=64, jtokm_tables=4)"] == "baseline (d_model=64)"  # same backbone only
+
+
+def test_learning_curves_give_the_token_saving_to_reach_the_baseline(tmp_path):
+    sweep = tmp_path / "curves"
+    steps = [9, 19, 39, 79]  # validations at 1000, 2000, 4000, 8000 tokens
+    for seed in range(3):
+        noise = 0.001 * (seed - 1)
+        # baseline: loss = 4 - 0.5 log2(tokens / 1000); jtok reaches every loss with half the tokens
+        fake_run(sweep / f"b{seed}", "baseline", seed, 2.5,
+                 curve=[(s, 4 - 0.5 * i + noise, 0.25 + 0.1 * i) for i, s in enumerate(steps)])  # fmt: skip
+        fake_run(sweep / f"j{seed}", "jtok", seed, 2.0, fpt=1100,
+                 curve=[(s, 3.5 - 0.5 * i + noise, 0.35 + 0.1 * i) for i, s in enumerate(steps)])  # fmt: skip
+    report = build_report([str(sweep)], tmp_path / "out")
+    rec = {r["metric"]: r for r in report["curves"]}
+    loss = rec["val_loss"]
+    assert loss["target"] == pytest.approx(2.5) and loss["tokens_reached"] == pytest.approx(4000, rel=1e-3)
+    assert loss["tokens_saving"] == pytest.approx(0.5, abs=1e-3)
+    assert loss["flops_saving"] == pytest.approx(1 - 4000 * 1100 / (8000 * 1000), abs=1e-3)
+    assert loss["tokens_low"] <= loss["tokens_saving"] <= loss["tokens_high"]
+    assert rec["facts_qa_heldout"]["tokens_saving"] == pytest.approx(0.5, abs=1e-3)
+    assert "| jtok | baseline | val_loss | 3 vs 3 | 2.5000 | 2.0000 | +50.0% [" in report["analysis_markdown"]
+    names = [Path(p).name for p in report["files"]["analysis_plots"]]
+    assert names == ["curves_val_loss.png", "curves_facts_qa.png"]
+
+
+def _isoflop_runs(root: Path, seeds: int = 1) -> None:
+    """Known iso-FLOP landscape: L(C, N) = 4 - 0.3 log10(C / 1e12) + 0.2 (log10 N - u*(C))^2; JTok-M at C
+    matches the baseline at 2C (a 50% compute saving at equal loss)."""
+    k = 0
+    for c in (1e12, 1e13, 1e14):
+        for u in (5.0, 5.5, 6.0, 6.5, 7.0):
+            for variant, scale in (("baseline", 1.0), ("jtok_m", 2.0)):
+                for seed in range(seeds):
+                    eff = c * scale
+                    loss = 4 - 0.3 * np.log10(eff / 1e12) + 0.2 * (u - (5.5 + 0.4 * np.log10(eff / 1e12))) ** 2
+                    loss += 0.002 * ((k % 3) - 1)  # deterministic scatter
+                    n = 10**u
+                    fake_run(root / f"{k}_{variant}_s{seed}", variant, seed, float(loss), budget=c,
+                             model={"d_model": int(n), "jtokm_tables": 5},
+                             params={"total": n, "backbone": n, "token_indexed": 0, "active_per_token": n})  # fmt: skip
+                    k += 1
+
+
+@pytest.mark.parametrize("seeds, method", [(1, "parabola covariance"), (3, "bootstrap over seeds")])
+def test_isoflop_recovers_a_known_compute_saving(tmp_path, seeds, method):
+    _isoflop_runs(tmp_path / "iso", seeds)
+    report = build_report([str(tmp_path / "iso")], tmp_path / "out")
+    iso = report["isoflop"]
+    opt = {(o["series"], o["budget"]): o for o in iso["optima"]}
+    assert opt[("baseline", 1e12)]["n_opt"] == pytest.approx(10**5.5, rel=0.1)
+    assert opt[("baseline", 1e14)]["loss_opt"] == pytest.approx(4 - 0.6, abs=0.01)
+    (saving,) = iso["savings"]
+    assert saving["interval"].startswith(method)
+    assert saving["saving"] == pytest.approx(0.5, abs=0.03)
+    assert saving["saving_low"] <= 0.5 <= saving["saving_high"] or saving["saving"] == pytest.approx(0.5, abs=0.01)
+    assert saving["loss_delta"] == pytest.approx(-0.3 * np.log10(2), abs=0.01)
+    assert "| jtok_m | baseline | +" in report["analysis_markdown"] and "## Iso-FLOP" in report["analysis_markdown"]
+    assert {Path(p).name for p in report["files"]["analysis_plots"]} == {"isoflop.png", "isoflop_frontier.png"}
+
+
+def test_scaling_recovers_a_known_slope_per_doubling(tmp_path):
+    sweep = tmp_path / "scale"
+    for seed in range(2):
+        scatter = 0.002 * (seed - 0.5)  # zero mean per size: the least-squares slope is exactly the true one
+        fake_run(sweep / f"b{seed}", "baseline", seed, 3.0 + scatter, model={"jtokm_tables": 5})
+        for n_e in (2, 4, 8, 16):
+            n_ti = n_e * 1e6
+            loss = 2.98 - 0.012 * np.log2(n_e / 2) + scatter
+            model = {"jtokm_tables": n_e, "jtokm_top_k": n_e // 4 or 1}
+            params = {"total": 1e6 + n_ti, "backbone": 1e6, "token_indexed": n_ti, "active_per_token": 1e6}
+            fake_run(sweep / f"e{n_e}_{seed}", "jtok_m", seed, float(loss), model=model, params=params)
+    report = build_report([str(sweep)], tmp_path / "out")
+    (sc,) = report["scaling"]
+    slopes = {s["rho"]: s for s in sc["slopes"]}
+    assert set(slopes) == {0.5, 0.25}  # (2, 1) has rho 0.5; (4, 1), (8, 2), (16, 4) have rho 0.25
+    fit = slopes[0.25]["fit"]
+    assert fit.slope == pytest.approx(-0.012) and fit.slope_ci.low < -0.012 < fit.slope_ci.high < 0
+    assert slopes[0.5]["fit"] is None and "one token-indexed size" in slopes[0.5]["note"]
+    assert sc["neff"].n == 10 and sc["n_ref"] == 2
+    md = report["analysis_markdown"]
+    assert "## Scaling in token-indexed parameters" in md and f"{fit.slope:+.4f} [" in md and "N_eff fit" in md
+    assert (tmp_path / "out" / "scaling.png").is_file()
+
+
+def test_every_variant_is_compared_with_baseline_and_moe(tmp_path):
+    sweep = tmp_path / "refs"
+    for seed in range(2):
+        for i, variant in enumerate(("baseline", "jtok_m", "moe", "moe_jtok_m")):
+            fake_run(sweep / f"{variant}_{seed}", variant, seed, 3.0 - 0.1 * i + 0.01 * seed)
+    report = build_report([str(sweep)], tmp_path / "out")
+    pairs = {(r["variant"], r["vs"]) for r in report["seeds"]}
+    assert pairs == {("baseline", None), ("jtok_m", "baseline"), ("jtok_m", "moe"), ("moe", "baseline"),
+                     ("moe_jtok_m", "baseline"), ("moe_jtok_m", "moe")}  # fmt: skip
+    (moe_m,) = [r for r in report["seeds"] if (r["variant"], r["vs"]) == ("moe_jtok_m", "moe")]
+    assert moe_m["delta"] == pytest.approx(-0.1) and moe_m["verdict"] == "better"
