@@ -11,11 +11,37 @@ from pathlib import Path
 # unless JTOK_KERNELS=triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+
+
+def offline_env(cache: Path) -> dict[str, str]:
+    """Environment for `run.py` subprocesses: an isolated data cache, no Hugging Face Hub, one thread
+    (tiny models run fastest on one, and two processes with two threads each thrash two cores)."""
+    return {
+        **os.environ,
+        "JTOK_CACHE_DIR": str(cache / "jtok"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cache / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def run_py(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` from the repository root; with `check`, fail with its stderr unless it succeeds."""
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark_fixtures import HAN, WORDS, sentence
+from benchmark_fixtures import HAN, sentence
 from benchmark_fixtures import write_benchmark_fixtures
 from eval import benchmarks
 from eval.adapter import JTokLM

@@ -5,35 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import offline_env, run_py
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("research_cache")
-    return {
-        **os.environ,
-        "JTOK_CACHE_DIR": str(cache / "jtok"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(cache / "hf"),
-        # Tiny models: one thread is fastest, and spares a shared machine the OpenMP spin of a second one.
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def run_py(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return offline_env(tmp_path_factory.mktemp("research_cache"))
 
 
 def report(env: dict[str, str], sweep: Path, out: Path) -> tuple[str, dict]:

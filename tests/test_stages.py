@@ -4,43 +4,24 @@ existing checkpoint, and a four-variant multirun followed by stage=report."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from benchmark_fixtures import write_benchmark_fixtures
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import offline_env, run_py
 BENCHMARKS = ("facts_qa", "facts_qa_heldout", "facts_qa_train", "mmlu", "arc_easy", "arc_challenge", "ceval")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("stage_cache")
-    return {
-        **os.environ,
-        "JTOK_CACHE_DIR": str(cache / "jtok"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(cache / "hf"),
-    }
+    return offline_env(tmp_path_factory.mktemp("stage_cache"))
 
 
 @pytest.fixture(scope="module")
 def benchmarks_dir(tmp_path_factory) -> Path:
     return write_benchmark_fixtures(tmp_path_factory.mktemp("benchmarks"))
-
-
-def run_py(env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
