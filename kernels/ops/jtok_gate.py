@@ -26,18 +26,25 @@ def num_warps_for(BLOCK_D: int) -> int:
 
 
 @triton.jit
-def _jtok_gate_fwd_kernel(
-    m_ptr, ids_ptr, table_ptr, scale_ptr, res_ptr, out_ptr, norm_ptr,
-    N, D, stride_m, stride_t, stride_r, stride_o, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _token_tile(ids_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of token rows: indices, masks (N and d need not fill the block) and token ids."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < N
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    return rows, cols, row_mask, col_mask, mask, ids
+
+
+@triton.jit
+def _jtok_gate_fwd_kernel(
+    m_ptr, ids_ptr, table_ptr, scale_ptr, res_ptr, out_ptr, norm_ptr,
+    N, D, stride_m, stride_t, stride_r, stride_o, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, cols, row_mask, col_mask, mask, ids = _token_tile(ids_ptr, N, D, BLOCK_N, BLOCK_D)
+    rows64 = rows.to(tl.int64)
 
     u = tl.load(table_ptr + ids[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(u * u, axis=1))
@@ -58,13 +65,8 @@ def _jtok_gate_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < N
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask, ids = _token_tile(ids_ptr, N, D, BLOCK_N, BLOCK_D)
     rows64 = rows.to(tl.int64)
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
 
     u = tl.load(table_ptr + ids[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     norm = tl.load(norm_ptr + rows, mask=row_mask, other=1.0)

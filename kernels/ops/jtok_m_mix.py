@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.ops.dedup_rows import segment_sum_rows
-from kernels.ops.jtok_gate import num_warps_for, row_block
+from kernels.ops.jtok_gate import _token_tile, num_warps_for, row_block
 
 
 @triton.jit
@@ -36,12 +36,7 @@ def _jtok_m_mix_fwd_kernel(
     N, D, K, stride_te, stride_tv, alpha, eps,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < N
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    rows, cols, row_mask, col_mask, mask, ids = _token_tile(ids_ptr, N, D, BLOCK_N, BLOCK_D)
     e = _mix_rows(ids, rows, row_mask, mask, cols, tables_ptr, idx_ptr, w_ptr, stride_te, stride_tv, K, BLOCK_N, BLOCK_D)
     norm = tl.sqrt(tl.sum(e * e, axis=1))
     s = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -56,13 +51,8 @@ def _jtok_m_mix_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < N
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask, ids = _token_tile(ids_ptr, N, D, BLOCK_N, BLOCK_D)
     rows64 = rows.to(tl.int64)
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     e = _mix_rows(ids, rows, row_mask, mask, cols, tables_ptr, idx_ptr, w_ptr, stride_te, stride_tv, K, BLOCK_N, BLOCK_D)
     norm = tl.sqrt(tl.sum(e * e, axis=1))
     inv = 1.0 / (norm + eps)
