@@ -177,7 +177,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.probe.enabled and datamodule.qa_path is not None:
         callbacks.append(KnowledgeProbe(datamodule.qa_path, module.tokenizer_json, cfg.probe.max_items))
     trainer = build_trainer(cfg, run_dir, callbacks)
-    log.info("variant %s: %s", settings["variant"], module.stats())
+    stats = module.stats()
+    log.info("variant %s: %s", settings["variant"], stats)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
@@ -194,9 +195,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "variant": settings["variant"],
         "seed": cfg.seed,
-        **module.stats(),
+        **stats,
         "train_tokens": module.train_tokens,
-        "train_flops": module.train_tokens * module.stats()["flops_per_token"],
+        "train_flops": module.train_tokens * stats["flops_per_token"],
         "train_flops_budget": cfg.get("train_flops"),
         "steps": trainer.global_step,
         "val_loss": float(val["val/loss"]),
