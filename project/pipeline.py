@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from project.accounting import flops_per_token
 from project.config import ConfigError, ModelConfig
+from project.data import budget
 from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
 from project.lit_module import LMModule, perplexity
 from project.parallel import single_file_checkpoint
@@ -127,25 +128,109 @@ def merge_metrics(run_dir: Path, earlier: list[dict[str, str]]) -> None:
 
 def tokens_per_step(cfg: DictConfig) -> int:
     """Global training tokens per optimizer step."""
-    devices = cfg.trainer.get("devices", 1)
-    world = (devices if isinstance(devices, int) else 1) * cfg.trainer.get("num_nodes", 1)
-    return cfg.data.batch_size * cfg.data.seq_len * world * cfg.trainer.get("accumulate_grad_batches", 1)
+    return budget.windows_per_step(cfg.data.batch_size, cfg.trainer) * cfg.data.seq_len
 
 
-def apply_flops_budget(cfg: DictConfig, settings: dict[str, Any]) -> None:
-    """With `train_flops` set, train for `train_flops / (flops_per_token x tokens_per_step)` steps."""
-    if cfg.get("train_flops") is None:
-        return
-    per_step = flops_per_token(ModelConfig.from_dict(settings), cfg.data.seq_len) * tokens_per_step(cfg)
-    steps = int(float(cfg.train_flops) // per_step)
-    if steps < 1:
-        raise ConfigError(f"train_flops={cfg.train_flops:.3g} is less than one step ({per_step:.3g} FLOPs)")
+def set_max_steps(cfg: DictConfig, steps: int) -> None:
+    """Train for `steps` steps, with validation and checkpoint intervals clamped to fit in the run."""
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
         if isinstance(cfg.trainer.get("val_check_interval"), int):
             cfg.trainer.val_check_interval = min(cfg.trainer.val_check_interval, steps)
         cfg.checkpoint.every_n_train_steps = min(cfg.checkpoint.every_n_train_steps, steps)
-    log.info("train_flops=%.3g: %d steps of %.3g FLOPs", float(cfg.train_flops), steps, per_step)
+
+
+def data_budget(cfg: DictConfig, datamodule: Any, steps: int | None = None) -> budget.DataBudget:
+    """What this run reads of the prepared training split."""
+    return budget.DataBudget(
+        steps=cfg.trainer.max_steps if steps is None else steps,
+        windows_per_step=budget.windows_per_step(cfg.data.batch_size, cfg.trainer),
+        seq_len=cfg.data.seq_len,
+        train_tokens=int(datamodule.meta["train_tokens"]),
+    )
+
+
+def resolve_steps(cfg: DictConfig, settings: dict[str, Any], datamodule: Any) -> None:
+    """Set `trainer.max_steps` from `train_flops` (a compute budget: FLOPs per token x tokens per step) or
+    from `train_epochs` (passes over the training split); then check it is a positive step count."""
+    flops, epochs = cfg.get("train_flops"), cfg.get("train_epochs")
+    if flops is not None and epochs is not None:
+        raise ConfigError(f"train_flops={flops} and train_epochs={epochs} both set the step count: give one")
+    if flops is not None:
+        per_step = flops_per_token(ModelConfig.from_dict(settings), cfg.data.seq_len) * tokens_per_step(cfg)
+        steps = int(float(flops) // per_step)
+        if steps < 1:
+            raise ConfigError(f"train_flops={flops:.3g} is less than one step ({per_step:.3g} FLOPs)")
+        set_max_steps(cfg, steps)
+        log.info("train_flops=%.3g: %d steps of %.3g FLOPs", float(flops), steps, per_step)
+    elif epochs is not None:
+        per_epoch = data_budget(cfg, datamodule, steps=0).steps_per_epoch
+        steps = int(float(epochs) * per_epoch)
+        if steps < 1:
+            raise ConfigError(f"train_epochs={epochs} is less than one step ({per_epoch} steps per epoch)")
+        set_max_steps(cfg, steps)
+        log.info("train_epochs=%g: %d steps (%d per epoch)", float(epochs), steps, per_epoch)
+    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
+        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
+
+
+def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudget]:
+    """Build the data module and the model settings, fix the step count, and check how often the run reads
+    its data. `data.source.docs_per_entity=auto` first measures tokens per document on a pilot corpus,
+    then grows the facts corpus so the run reads it at most once."""
+    auto = budget.is_auto(cfg.data)
+    if auto:
+        if cfg.get("train_epochs") is not None:
+            raise ConfigError(
+                "data.source.docs_per_entity=auto sizes the corpus to the step count; with train_epochs the step "
+                "count follows from the corpus: give docs_per_entity a number"
+            )
+        with open_dict(cfg):
+            cfg.data.source.docs_per_entity = budget.PILOT_DOCS_PER_ENTITY
+        pilot = hydra.utils.instantiate(cfg.data)
+        pilot.prepare_data()
+        resolve_steps(cfg, model_settings(cfg, pilot.vocab_size), pilot)
+        meta = pilot.meta
+        needed = budget.tokens_needed(cfg.trainer.max_steps, budget.windows_per_step(cfg.data.batch_size, cfg.trainer),
+                                      cfg.data.seq_len)  # fmt: skip
+        docs = budget.docs_per_entity_for(needed, meta["train_tokens"] / meta["train_documents"],
+                                          cfg.data.source.num_entities)  # fmt: skip
+        with open_dict(cfg):
+            cfg.data.source.docs_per_entity = docs
+        log.info("docs_per_entity=auto: %d documents per person for %d training tokens", docs, needed)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    settings = model_settings(cfg, datamodule.vocab_size)
+    resolve_steps(cfg, settings, datamodule)
+    plan = data_budget(cfg, datamodule)
+    if plan.epochs > 1:
+        if auto:
+            raise RuntimeError(f"the auto-sized corpus holds {plan.epochs:.3f} epochs of this run, not <= 1: a bug")
+        log.warning(
+            "this run reads its training data %.2f times (%d steps, %d per epoch): repeated documents let "
+            "token-indexed tables memorise them (see eval/RESEARCH.md, 'When data repeats')",
+            plan.epochs, plan.steps, plan.steps_per_epoch,
+        )  # fmt: skip
+    return datamodule, settings, plan
+
+
+def data_record(datamodule: Any, plan: budget.DataBudget) -> dict[str, Any]:
+    """summary.json's `data`: what the training split holds and how much of it the run read."""
+    meta = datamodule.meta
+    record: dict[str, Any] = {
+        "train_tokens": int(meta["train_tokens"]),
+        "train_documents": int(meta["train_documents"]),
+        "usable_windows": plan.usable_windows,
+        "windows_read": plan.steps * plan.windows_per_step,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "epochs": plan.epochs,
+        "qa_path": None if datamodule.qa_path is None else str(datamodule.qa_path),
+    }
+    docs_per_entity = (meta.get("source") or {}).get("docs_per_entity")
+    if isinstance(docs_per_entity, int):  # facts: each document states each of its person's facts once
+        record["docs_per_entity"] = docs_per_entity
+        record["exposures_per_fact"] = docs_per_entity * plan.epochs
+    return record
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -154,12 +239,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    settings = model_settings(cfg, datamodule.vocab_size)
-    apply_flops_budget(cfg, settings)
-    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
-        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
+    datamodule, settings, plan = prepare_data(cfg)
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, settings)
     earlier_metrics = check_run_dir(run_dir, cfg)
@@ -200,6 +280,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_flops": module.train_tokens * stats["flops_per_token"],
         "train_flops_budget": cfg.get("train_flops"),
         "steps": trainer.global_step,
+        "data": data_record(datamodule, plan),
         "val_loss": float(val["val/loss"]),
         "val_ppl": perplexity(float(val["val/loss"])),
         "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
@@ -237,11 +318,7 @@ def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, An
     read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
     owner = source.parent.parent
     run_dir = owner if (owner / "summary.json").is_file() else Path(cfg.run_dir).resolve()
-    qa_path = None
-    if cfg.data.get("source", {}).get("_target_", "").endswith("FactsSource"):
-        datamodule = hydra.utils.instantiate(cfg.data)
-        datamodule.prepare_data()  # cached: finds the QA file of the facts corpus
-        qa_path = datamodule.qa_path
+    qa_path = facts_qa_path(cfg, run_dir / "summary.json")
     strict = True if explicit_benchmarks else None
     results = run_eval(cfg, checkpoint, run_dir, qa_path, strict=strict)
     summary_path = run_dir / "summary.json"
@@ -250,6 +327,21 @@ def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, An
         summary["eval"] = results
         atomic_write_json(summary_path, summary)
     return results
+
+
+def facts_qa_path(cfg: DictConfig, summary_path: Path) -> Path | None:
+    """The facts QA file of the run that trained the checkpoint (its summary names it), else of the
+    configured facts corpus when its size is fixed (the cache finds it without rebuilding)."""
+    if summary_path.is_file():
+        recorded = (json.loads(summary_path.read_text()).get("data") or {}).get("qa_path")
+        if recorded and Path(recorded).is_file():
+            return Path(recorded)
+    source = cfg.data.get("source", {})
+    if not source.get("_target_", "").endswith("FactsSource") or budget.is_auto(cfg.data):
+        return None
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    return datamodule.qa_path
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:

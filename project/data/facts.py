@@ -141,6 +141,11 @@ class FactsSource:
         qa_templates: int = 1,
     ) -> None:
         max_templates = min(len(t) for t in TEMPLATES.values())
+        if not isinstance(docs_per_entity, int):
+            raise ValueError(
+                f"docs_per_entity must be an integer, got {docs_per_entity!r} ('auto' is resolved by the train stage, "
+                "which sizes the corpus to the run)"
+            )
         if num_entities < 1 or docs_per_entity < 1:
             raise ValueError(f"num_entities and docs_per_entity must be >= 1, got {num_entities}, {docs_per_entity}")
         if not 1 <= templates_per_attribute <= max_templates:
