@@ -9,10 +9,12 @@ folder and seed (else the mean of its baseline runs). The analyses group runs by
 (seeds pooled, wherever they lie) and compare each group with the `baseline` and `moe` groups under the
 same shared settings:
 
+- overfitting (eval/overfitting.py): epochs read, train/val gap, best validation loss and its step, warnings;
 - seeds: mean ± std, every seed's value, delta with Welch's 95% interval, 'within noise' when it holds 0;
 - learning curves (metrics.csv): tokens / FLOPs to reach the reference's final loss or facts recall;
 - iso-FLOP (runs with `train_flops=`): parabola per budget, frontier, compute saving at equal loss;
-- token-indexed scaling (JTok-M at several pool sizes): slope per doubling and the N_eff fit.
+- token-indexed scaling (JTok-M at several pool sizes): slope per doubling and the N_eff fit;
+- knowledge capacity (facts corpora of several sizes, eval/capacity.py): recall and stored bits vs facts.
 
 Statistics and fits live in eval/analysis.py.
 """
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from eval import analysis
+from eval import analysis, capacity, overfitting
 from project.io import atomic_write_json, atomic_write_text
 
 BASELINE = "baseline"
@@ -532,6 +534,7 @@ def seeds_markdown(records: list[dict[str, Any]]) -> str:
 
 CURVE_METRICS = {  # name -> (metrics.csv column, lower is better)
     "val_loss": ("val/loss", True),
+    "train_loss": ("train/loss", True),
     "facts_qa_heldout": ("probe/facts_qa_heldout", False),
     "facts_qa_train": ("probe/facts_qa_train", False),
 }
@@ -655,7 +658,7 @@ def curves_markdown(records: list[dict[str, Any]], skipped_budget: int) -> str:
 
 def plot_learning_curves(groups: list[Group], curves: dict[Path, Any], out_dir: Path) -> list[Path]:
     """Seed-mean learning curves with ± std bands (n >= 2), one figure set per shared condition:
-    curves_val_loss*.png (vs tokens, vs FLOPs) and curves_facts_qa*.png (held-out and trained paraphrases,
+    curves_val_loss*.png (validation and, dashed, train loss vs tokens and FLOPs) and curves_facts_qa*.png (held-out and trained paraphrases,
     vs tokens and FLOPs)."""
     plt = _pyplot()
     conditions = list(dict.fromkeys(g.condition for g in groups if g.budget is None))
@@ -680,9 +683,12 @@ def plot_learning_curves(groups: list[Group], curves: dict[Path, Any], out_dir: 
                         ax.plot(c.x, c.mean, color=color, marker="o", markersize=3, label=f"{g.label} (n={c.n})")
                         if c.std is not None:
                             ax.fill_between(c.x, c.mean - c.std, c.mean + c.std, color=color, alpha=0.2, linewidth=0)
+                        train = analysis.mean_curve(seed_curves(g, curves, "train_loss", axis))
+                        if metric == "val_loss" and train is not None:  # beside val: a widening gap is overfitting
+                            ax.plot(train.x, train.mean, color=color, linestyle="--", linewidth=1, alpha=0.8)
                     _log_x(ax)
                     ax.set_xlabel(AXES[axis])
-                    ax.set_ylabel(metric.replace("_", " "))
+                    ax.set_ylabel("loss (solid: val, dashed: train)" if metric == "val_loss" else metric.replace("_", " "))
                     if metric != "val_loss":
                         ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)  # chance: four choices
                     ax.grid(True, alpha=0.3)
@@ -1121,6 +1127,9 @@ def build_report(run_globs: list[str] | str, out_dir: str | os.PathLike) -> dict
     by_path = {r.path: row for r, row in zip(runs, rows)}
     groups = group_runs(runs)
     sections, tables, figures = [], {}, []
+    fit_runs, fit_groups = overfitting.records(groups, _metrics_records)
+    sections.append(overfitting.markdown(fit_runs, fit_groups))
+    tables["overfitting"] = atomic_write_text(out_dir / "overfitting.csv", _records_csv(fit_runs))
     seeds = seed_records(groups, by_path, benchmarks)
     sections.append(seeds_markdown(seeds))
     tables["seeds"] = atomic_write_text(out_dir / "seeds.csv", _records_csv(seeds))
@@ -1148,6 +1157,12 @@ def build_report(run_globs: list[str] | str, out_dir: str | os.PathLike) -> dict
         tables["scaling"] = atomic_write_text(out_dir / "scaling.csv", _records_csv(_scaling_records(scaling)))
         figures += plot_scaling(scaling, out_dir)
 
+    capacity_recs = capacity.records(runs, run_settings, VARIANT_ORDER)
+    if capacity_recs:
+        sections.append(capacity.markdown(capacity_recs))
+        tables["capacity"] = atomic_write_text(out_dir / "capacity.csv", _records_csv(capacity_recs))
+        figures += capacity.plot(capacity_recs, out_dir, _pyplot(), _save_figure)
+
     analysis_md = "\n".join(sections)
     text = f"# Ablation report\n\n{len(runs)} run(s).\n\n{md}\n{analysis_md}"
     md_path = atomic_write_text(out_dir / "report.md", text)
@@ -1159,10 +1174,12 @@ def build_report(run_globs: list[str] | str, out_dir: str | os.PathLike) -> dict
         "markdown": md,
         "groups": [{"label": g.label, "variant": g.variant, "condition": settings_label(g.condition),
                     "runs": [str(r.path) for r in g.runs]} for g in groups],  # fmt: skip
+        "overfitting": {"runs": fit_runs, "groups": fit_groups},
         "seeds": seeds,
         "curves": curve_recs,
         "isoflop": None if iso is None else {k: iso[k] for k in ("optima", "frontiers", "savings")},
         "scaling": [{k: v for k, v in sc.items() if k not in ("points", "ref_points")} for sc in scaling],
+        "capacity": capacity_recs,
         "analysis_markdown": analysis_md,
     }
     everything = _jsonable({k: v for k, v in result.items() if k != "rows"})

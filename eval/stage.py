@@ -104,6 +104,7 @@ def evaluate_checkpoint(
 
     summary: dict[str, dict[str, Any]] = {}
     env: dict[str, Any] = {}
+    bits = None
     if loaded:
         from eval.adapter import JTokLM
 
@@ -120,12 +121,16 @@ def evaluate_checkpoint(
                 continue
             env = {k: results.pop(k) for k in ("pretty_env_info", "transformers_version") if k in results} or env
             records[name] = {"status": "ok", "source": bench.source, "seconds": time.perf_counter() - start, **results}
+        if "facts_qa" in loaded and qa_path is not None:
+            bits = facts_bits(lm, qa_path, strict)
     for name in settings.benchmarks:
         if records[name]["status"] == "ok":
             summary.update(summarize(loaded[name], records[name]))
         else:
             summary[name] = records[name]
 
+    if bits is not None:
+        summary["facts_bits"] = bits
     import lm_eval
 
     atomic_write_json(
@@ -143,6 +148,19 @@ def evaluate_checkpoint(
     print(format_table(summary))
     log.info("wrote %s", run_dir / "eval.json")
     return summary
+
+
+def facts_bits(lm: Any, qa_path: str | os.PathLike, strict: bool) -> dict[str, Any]:
+    """The knowledge stored in bits over the facts QA items (eval/knowledge.py), or the reason it failed."""
+    from eval.knowledge import stored_bits
+
+    try:
+        return stored_bits(lm, qa_path)
+    except Exception as exc:
+        if strict:
+            raise
+        log.exception("facts_bits failed")
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def run_benchmark(lm: Any, bench: Any, settings: EvalSettings) -> dict[str, Any]:

@@ -189,15 +189,10 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudge
             cfg.data.source.docs_per_entity = budget.PILOT_DOCS_PER_ENTITY
         pilot = hydra.utils.instantiate(cfg.data)
         pilot.prepare_data()
-        resolve_steps(cfg, model_settings(cfg, pilot.vocab_size), pilot)
-        meta = pilot.meta
-        needed = budget.tokens_needed(cfg.trainer.max_steps, budget.windows_per_step(cfg.data.batch_size, cfg.trainer),
-                                      cfg.data.seq_len)  # fmt: skip
-        docs = budget.docs_per_entity_for(needed, meta["train_tokens"] / meta["train_documents"],
-                                          cfg.data.source.num_entities)  # fmt: skip
+        docs = size_facts_corpus(cfg, pilot)
         with open_dict(cfg):
             cfg.data.source.docs_per_entity = docs
-        log.info("docs_per_entity=auto: %d documents per person for %d training tokens", docs, needed)
+        log.info("docs_per_entity=auto: %d documents per person for %d steps", docs, cfg.trainer.max_steps)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     settings = model_settings(cfg, datamodule.vocab_size)
@@ -212,6 +207,17 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudge
             plan.epochs, plan.steps, plan.steps_per_epoch,
         )  # fmt: skip
     return datamodule, settings, plan
+
+
+def size_facts_corpus(cfg: DictConfig, pilot: Any) -> int:
+    """Documents per person for a facts corpus this run reads at most once, from the pilot corpus's tokens
+    per document (the step count is resolved first: it may follow from a FLOP budget)."""
+    resolve_steps(cfg, model_settings(cfg, pilot.vocab_size), pilot)
+    meta = pilot.meta
+    wps = budget.windows_per_step(cfg.data.batch_size, cfg.trainer)
+    needed = budget.tokens_needed(cfg.trainer.max_steps, wps, cfg.data.seq_len)
+    return budget.docs_per_entity_for(needed, meta["train_tokens"] / meta["train_documents"],
+                                      cfg.data.source.num_entities)  # fmt: skip
 
 
 def data_record(datamodule: Any, plan: budget.DataBudget) -> dict[str, Any]:

@@ -89,6 +89,9 @@ YEARS = range(1620, 2000)
 NUM_CITIES = 48
 NUM_COMPANIES = 64
 NUM_QA_CHOICES = 4
+# each person's value of an attribute is drawn uniformly from a pool of this size: log2(size) bits per fact
+VALUE_POOL_SIZES = {"birth_year": len(YEARS), "city": NUM_CITIES, "field": len(FIELDS), "employer": NUM_COMPANIES,
+                    "instrument": len(INSTRUMENTS)}  # fmt: skip
 
 _GENERATOR_HASH = hashlib.sha256(
     json.dumps([TEMPLATES, SYLLABLES, CITY_SUFFIXES, COMPANY_SUFFIXES, FIELDS, INSTRUMENTS, str(YEARS)]).encode()
