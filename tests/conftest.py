@@ -11,6 +11,7 @@ from pathlib import Path
 # unless JTOK_KERNELS=triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random
 import subprocess
 import sys
 
@@ -42,6 +43,18 @@ def run_py(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Co
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    """Every test starts from the same random state (torch, numpy, random), whichever tests ran before it:
+    an unseeded `torch.randn` draws the same numbers on every run, alone or in the full suite."""
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

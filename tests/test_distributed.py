@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import offline_env
 from project.checkpoint import load_model
 from project.parallel import consolidate, is_sharded_checkpoint
 
@@ -30,8 +30,8 @@ WEIGHT_ATOL = 2e-5
 def run(run_dir: Path, cache: Path, *overrides: str) -> dict:
     cmd = [sys.executable, "run.py", "experiment=smoke", f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}",
            "trainer.val_check_interval=3", *overrides]  # fmt: skip
-    env = {**os.environ, "JTOK_CACHE_DIR": str(cache)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**offline_env(cache), "JTOK_CACHE_DIR": str(cache)}  # one thread per process: 2 ranks on 2 cores
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -28,6 +28,10 @@ from project.data.tokenizer import EOS, train_tokenizer
 from project.model import Transformer
 
 MAX_SEQ_LEN = 32
+# The adapter scores right-padded batches, the hand computation one unpadded sequence: the same math on other
+# shapes, so their float32 log-probs differ by round-off (~1e-6 here). A choice (argmax token, best answer)
+# whose top two scores are closer than TIE may legitimately come out either way; every other must match.
+TIE = 1e-4
 TINY_MODEL = {"variant": "moe_jtok", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": MAX_SEQ_LEN,
               "n_routed_experts": 4, "moe_top_k": 2}  # fmt: skip
 
@@ -132,8 +136,9 @@ def stage_run(tmp_path_factory, checkpoint, data_dir, qa_path):
 # ---------------------------------------------------------------- hand computation
 
 
-def direct_loglikelihood(loaded, context: str, continuation: str) -> tuple[float, bool]:
-    """TemplateLM's token split and left truncation, scored by one unpadded forward pass."""
+def direct_loglikelihood(loaded, context: str, continuation: str) -> tuple[float, bool | None]:
+    """TemplateLM's token split and left truncation, scored by one unpadded forward pass: the log-likelihood and
+    whether greedy decoding yields the continuation (None when that hinges on a near-tie, within TIE)."""
     tok, model, eot = loaded.tokenizer, loaded.model, loaded.tokenizer.token_to_id(EOS)
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -148,19 +153,32 @@ def direct_loglikelihood(loaded, context: str, continuation: str) -> tuple[float
         logprobs = model(torch.tensor([ids[:-1]])).logits[0].float().log_softmax(-1)
     positions = range(len(ids) - 1 - len(cont), len(ids) - 1)
     total = sum(float(logprobs[p, t]) for p, t in zip(positions, cont))
-    greedy = all(int(logprobs[p].argmax()) == t for p, t in zip(positions, cont))
+    greedy: bool | None = True
+    for p, t in zip(positions, cont):
+        others = logprobs[p].clone()
+        others[t] = -float("inf")
+        margin = float(logprobs[p, t] - others.max())  # > 0: t is the argmax
+        if margin < -TIE:
+            return total, False  # clearly not the greedy token
+        if margin <= TIE:
+            greedy = None  # a near-tie decides it: either answer is right
     return total, greedy
 
 
 def hand_accuracy(loaded, items: list[tuple[str, list[str], int]]) -> tuple[float, int]:
-    """Accuracy of argmax over choices, and how many items have a near-tie (margin < 1e-4) at the top."""
+    """Accuracy of argmax over choices, and how many items have a near-tie (margin < TIE) at the top."""
     correct = ties = 0
     for context, choices, label in items:
         scores = [direct_loglikelihood(loaded, context, c)[0] for c in choices]
         ranked = sorted(scores, reverse=True)
         correct += max(range(len(scores)), key=scores.__getitem__) == label
-        ties += ranked[0] - ranked[1] < 1e-4
+        ties += ranked[0] - ranked[1] < TIE
     return correct / len(items), ties
+
+
+def assert_accuracy_matches(got: float, want: float, ties: int, n: int) -> None:
+    """Equal but for the near-tied items, compared as counts of correct items (no round-off in the fractions)."""
+    assert abs(round(got * n) - round(want * n)) <= ties, (got, want, ties, n)
 
 
 def requests(*args) -> list[SimpleNamespace]:
@@ -191,10 +209,15 @@ def test_loglikelihood_matches_a_direct_forward_pass(lm, loaded):
     ]
     assert len(lm.tok_encode(long_context)) > MAX_SEQ_LEN
     got = lm.loglikelihood(requests(*cases), disable_tqdm=True)
+    decided = 0
     for (context, continuation), (logprob, greedy) in zip(cases, got, strict=True):
         want, want_greedy = direct_loglikelihood(loaded, context, continuation)
+        # float32 round-off between padded and unpadded forwards is ~1e-6 per token; 1e-4 leaves ample room
         assert logprob == pytest.approx(want, abs=1e-4), (context[-30:], continuation)
-        assert greedy == want_greedy
+        if want_greedy is not None:
+            assert greedy == want_greedy, (context[-30:], continuation)
+            decided += 1
+    assert decided >= len(cases) - 1  # near-ties are rare: the greedy flags are really checked
 
 
 def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(lm, loaded):
@@ -210,30 +233,43 @@ def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(lm, loaded):
     assert len(loaded.tokenizer.encode(long_text).ids) > 2 * MAX_SEQ_LEN and long < short < 0
 
 
-def hand_greedy(loaded, prompt: str, steps: int) -> str:
-    """Greedy decoding by hand: append the argmax token, feeding the last max_seq_len tokens; cut at EOS."""
+def hand_greedy(loaded, prompt: str, steps: int) -> set[str]:
+    """Greedy decoding by hand: append the argmax token, feeding the last max_seq_len tokens; cut at EOS.
+
+    Where the top logits are within TIE of each other (a near-tie that round-off in the adapter's padded batches
+    could flip), every tied token is followed: the set of acceptable outputs, normally just one."""
     tok, eot = loaded.tokenizer, loaded.tokenizer.token_to_id(EOS)
-    ids = tok.encode(prompt).ids
-    start = len(ids)
+    prompt_ids = tok.encode(prompt).ids
+    start = len(prompt_ids)
+    outputs, pending = set(), [prompt_ids]
     with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(loaded.model(torch.tensor([ids[-MAX_SEQ_LEN:]])).logits[0, -1].argmax()))
-            if ids[-1] == eot:
-                break
-    return tok.decode(ids[start:], skip_special_tokens=False).split(EOS)[0]
+        while pending:
+            ids = pending.pop()
+            if len(ids) - start == steps or (len(ids) > start and ids[-1] == eot):
+                outputs.add(tok.decode(ids[start:], skip_special_tokens=False).split(EOS)[0])
+                continue
+            logits = loaded.model(torch.tensor([ids[-MAX_SEQ_LEN:]])).logits[0, -1]
+            tied = (logits >= logits.max() - TIE).nonzero().flatten().tolist()
+            pending += [ids + [token] for token in tied]
+            assert len(pending) + len(outputs) <= 8, "too many near-ties for a meaningful check"
+    return outputs
 
 
 def test_generate_until_is_greedy_and_stops_at_until(lm, loaded):
     prompts = ["Question: why does the quib zarn?\nAnswer:", "Fenwick Dray lives in", "甲乙丙丁" * 10]
     batched = lm.generate_until(requests(*[(p, {"until": [], "max_gen_toks": 8}) for p in prompts]), disable_tqdm=True)
-    assert batched == [hand_greedy(loaded, p, 8) for p in prompts]  # greedy, max_gen_toks, right padding
+    hand = [hand_greedy(loaded, p, 8) for p in prompts]
+    for text, acceptable in zip(batched, hand, strict=True):
+        assert text in acceptable, (text, acceptable)  # greedy, max_gen_toks, right padding
     text = max(batched, key=lambda t: len(t.replace("\ufffd", "")))
     stop = next(text[i : i + 2] for i in range(1, len(text)) if "\ufffd" not in text[i : i + 2])
-    prompt = prompts[batched.index(text)]
-    (stopped,) = lm.generate_until(requests((prompt, {"until": [stop], "max_gen_toks": 8})), disable_tqdm=True)
-    assert stopped == text[: text.index(stop)]
-    (stopped,) = lm.generate_until(requests((prompt, {"until": stop, "max_new_tokens": 8})), disable_tqdm=True)
-    assert stopped == text[: text.index(stop)]  # a single string and lm-eval's alias for max_gen_toks
+    i = batched.index(text)
+    # Decoded alone now (another batch shape than above): any hand-greedy output, cut at the stop string.
+    acceptable = {t[: t.index(stop)] if stop in t else t for t in hand[i]}
+    (stopped,) = lm.generate_until(requests((prompts[i], {"until": [stop], "max_gen_toks": 8})), disable_tqdm=True)
+    assert stopped in acceptable, (stopped, acceptable)
+    (stopped,) = lm.generate_until(requests((prompts[i], {"until": stop, "max_new_tokens": 8})), disable_tqdm=True)
+    assert stopped in acceptable, (stopped, acceptable)  # a single string and lm-eval's alias for max_gen_toks
 
 
 # ---------------------------------------------------------------- benchmarks and the stage
@@ -257,7 +293,7 @@ def test_stock_tasks_over_local_copies_match_a_hand_computation(stage_run, loade
               d["choices"]["label"].index(d["answerKey"])) for d in arc]  # fmt: skip
     want, ties = hand_accuracy(loaded, items)
     assert summary["arc_easy"]["n_samples"] == len(items) and summary["arc_easy"]["num_fewshot"] == 0
-    assert abs(summary["arc_easy"]["acc"] - want) <= ties / len(items)
+    assert_accuracy_matches(summary["arc_easy"]["acc"], want, ties, len(items))
 
     manager = benchmarks.task_manager()
     items = []
@@ -274,7 +310,7 @@ def test_stock_tasks_over_local_copies_match_a_hand_computation(stage_run, loade
     assert max(len(loaded.tokenizer.encode(c).ids) for c, _, _ in items) > MAX_SEQ_LEN  # truncation happened
     want, ties = hand_accuracy(loaded, items)
     assert summary["mmlu"]["n_samples"] == len(items) == 57 * 2
-    assert abs(summary["mmlu"]["acc"] - want) <= ties / len(items)
+    assert_accuracy_matches(summary["mmlu"]["acc"], want, ties, len(items))
     assert summary["mmlu"]["stderr"] > 0
 
 
@@ -293,7 +329,7 @@ def test_facts_qa_scores_each_template_split_like_the_hand_computation(stage_run
         want, ties = hand_accuracy(loaded, items)
         entry = summary[f"facts_qa_{split}"]
         assert entry["n_samples"] == len(items) and entry["num_fewshot"] == 0
-        assert abs(entry["acc"] - want) <= ties / len(items)
+        assert_accuracy_matches(entry["acc"], want, ties, len(items))
     pooled = summary["facts_qa"]
     assert pooled["n_samples"] == len(rows)
     assert pooled["acc"] == pytest.approx((summary["facts_qa_heldout"]["acc"] + summary["facts_qa_train"]["acc"]) / 2)
@@ -305,7 +341,7 @@ def test_eval_json_holds_lm_eval_results_per_benchmark(stage_run, checkpoint):
     assert record["summary"] == summary and record["checkpoint"] == str(checkpoint) and record["hub_offline"]
     mmlu = record["benchmarks"]["mmlu"]
     assert mmlu["status"] == "ok" and "mmlu_anatomy" in mmlu["results"] and "mmlu_stem" in mmlu["groups"]
-    assert mmlu["results"]["mmlu"]["acc,none"] == summary["mmlu"]["acc"]
+    assert mmlu["results"]["mmlu"]["acc,none"] == summary["mmlu"]["acc"]  # the summary copies lm-eval's value
     assert mmlu["versions"]["mmlu_anatomy"] is not None and mmlu["n-shot"]["mmlu_anatomy"] == 0
     assert record["benchmarks"]["arc_easy"]["config"]["limit"] is None
     assert (stage_run.run_dir / "lm_eval_tasks" / "facts_qa_heldout.yaml").is_file()

@@ -12,10 +12,17 @@ from project.pipeline import train
 from project.probe import KnowledgeProbe
 
 
-def direct_accuracy(loaded, items) -> float:
-    """Score each choice by summing the model's log-probs of its tokens after the prompt."""
+# The probe scores right-padded batches through the lm-eval adapter, direct_accuracy one unpadded sequence per
+# choice: the same math on other shapes, so the float32 scores differ by round-off (~1e-6). An item whose two best
+# choices are closer than TIE may be decided either way; every other item must be decided the same.
+TIE = 1e-4
+
+
+def direct_accuracy(loaded, items) -> tuple[float, int]:
+    """Score each choice by summing the model's log-probs of its tokens after the prompt: the accuracy, and how
+    many items have a near-tie (margin < TIE) between their two best choices."""
     tok = loaded.tokenizer
-    correct = 0
+    correct = ties = 0
     for item in items:
         prompt_ids = tok.encode(item["prompt"], add_special_tokens=False).ids
         scores = []
@@ -28,7 +35,9 @@ def direct_accuracy(loaded, items) -> float:
             first = len(window) - 1 - len(cont)
             scores.append(sum(float(logp[first + i, t]) for i, t in enumerate(cont)))
         correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
-    return correct / len(items)
+        best, second = sorted(scores, reverse=True)[:2]
+        ties += best - second < TIE
+    return correct / len(items), ties
 
 
 def test_probe_matches_direct_scoring_and_is_logged_at_every_validation(make_cfg):
@@ -48,4 +57,7 @@ def test_probe_matches_direct_scoring_and_is_logged_at_every_validation(make_cfg
     assert set(scores) == {"heldout", "train"}
     for split, items in probe.items.items():
         assert len(items) == 40
-        assert scores[split] == direct_accuracy(loaded, items)
+        want, ties = direct_accuracy(loaded, items)
+        assert ties <= 2, ties  # near-ties are rare: the comparison below stays (almost) exact
+        n = len(items)  # compared as counts of correct items, free of float round-off in the fractions
+        assert abs(round(scores[split] * n) - round(want * n)) <= ties, (split, scores[split], want, ties)

@@ -61,7 +61,7 @@ def test_table_deltas_csv_and_plots(runs, tmp_path, capsys):
     assert rows[("jtok", 1)]["delta_val_loss"] == pytest.approx(-0.10)  # against the baseline of seed 1
     assert rows[("jtok", 0)]["delta_facts_qa_acc"] == pytest.approx(0.10)
     assert rows[("jtok", 1)]["delta_mmlu_acc"] == pytest.approx(0.03)
-    assert rows[("baseline", 0)]["delta_val_loss"] == 0
+    assert rows[("baseline", 0)]["delta_val_loss"] == 0  # x - sum([x]) / 1 == x - x == 0 exactly
     assert rows[("jtok_m", 0)]["mmlu_acc"] is None and rows[("jtok_m", 0)]["delta_mmlu_acc"] is None
     assert rows[("moe", 0)]["delta_val_loss"] is None  # no baseline in its sweep
     assert rows[("jtok", 0)]["params_token_indexed"] == 1_000_000 and rows[("jtok", 0)]["flops_per_token"] == 1100
@@ -70,7 +70,7 @@ def test_table_deltas_csv_and_plots(runs, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == 6 and [r["variant"] for r in table[1:3]] == ["baseline", "baseline"]
     jtok = next(r for r in table if r["variant"] == "jtok" and r["seed"] == "0")
-    assert float(jtok["delta_val_loss"]) == pytest.approx(-0.10) and float(jtok["mmlu_stderr"]) == 0.01
+    assert float(jtok["delta_val_loss"]) == pytest.approx(-0.10) and float(jtok["mmlu_stderr"]) == 0.01  # copied
     assert next(r for r in table if r["variant"] == "moe")["delta_val_loss"] == ""
 
     md = (out / "report.md").read_text()
@@ -142,6 +142,7 @@ def test_seeds_are_aggregated_per_group_with_welch_deltas(tmp_path):
     expected = analysis.welch_delta(jtok, base)
     assert (loss["n"], loss["seeds"], loss["values"]) == (3, [0, 1, 2], jtok)
     assert loss["mean"] == pytest.approx(sum(jtok) / 3) and loss["std"] == pytest.approx(analysis.summarize(jtok).std)
+    # Same function on the same values in the same (seed) order, which JSON round-trips exactly: bit-identical.
     assert (loss["delta"], loss["ci_low"], loss["ci_high"]) == (expected.estimate, expected.low, expected.high)
     assert loss["verdict"] == "better" and loss["vs"] == "baseline"
     acc = recs[("facts_qa_acc", "jtok")]

@@ -36,7 +36,10 @@ def trained(env, benchmarks_dir, tmp_path_factory) -> Path:
 
 def test_train_ends_with_every_benchmark_scored_offline_from_local_copies(trained):
     summary = json.loads((trained / "summary.json").read_text())
-    assert set(summary["eval"]) == set(BENCHMARKS)
+    assert set(summary["eval"]) == set(BENCHMARKS) | {"facts_bits"}
+    bits = summary["eval"]["facts_bits"]
+    assert bits["status"] == "ok" and bits["facts"] == 40 * 5 and bits["prior_bits"] > 0
+    assert bits["bits_train"] <= bits["prior_bits_train"] + 1e-6  # log-probs are <= 0
     for name in BENCHMARKS:
         entry = summary["eval"][name]
         assert entry["status"] == "ok", (name, entry)
@@ -52,8 +55,9 @@ def test_stage_eval_updates_the_run_and_fails_fast_on_a_missing_benchmark_asked_
     run_py(env, "stage=eval", f"ckpt_path={ckpt}", "experiment=smoke", "eval.benchmarks=[facts_qa]",
            f"hydra.run.dir={trained.parent / 'eval_stage'}")  # fmt: skip
     after = json.loads((trained / "summary.json").read_text())
-    assert set(after["eval"]) == {"facts_qa", "facts_qa_heldout", "facts_qa_train"}
+    assert set(after["eval"]) == {"facts_qa", "facts_qa_heldout", "facts_qa_train", "facts_bits"}
     assert before["eval"]["facts_qa"]["limit"] == 4 and after["eval"]["facts_qa"]["limit"] is None  # re-scored
+    # stage=eval rewrites only summary["eval"]: val_loss is the stored float read back from JSON, not recomputed
     assert after["eval"]["facts_qa"]["status"] == "ok" and after["val_loss"] == before["val_loss"]
 
     start = time.perf_counter()
