@@ -675,10 +675,12 @@ def plot_learning_curves(groups: list[Group], curves: dict[Path, Any], out_dir: 
             for row, metric in enumerate(metrics):
                 for col, axis in enumerate(AXES):
                     ax = axes[row][col]
+                    val_top = -np.inf
                     for j, g in enumerate(members):
                         c = analysis.mean_curve(seed_curves(g, curves, metric, axis))
                         if c is None:
                             continue
+                        val_top = max(val_top, float(np.max(c.mean + (c.std if c.std is not None else 0.0))))
                         color = f"C{j % 10}"
                         ax.plot(c.x, c.mean, color=color, marker="o", markersize=3, label=f"{g.label} (n={c.n})")
                         if c.std is not None:
@@ -686,6 +688,8 @@ def plot_learning_curves(groups: list[Group], curves: dict[Path, Any], out_dir: 
                         train = analysis.mean_curve(seed_curves(g, curves, "train_loss", axis))
                         if metric == "val_loss" and train is not None:  # beside val: a widening gap is overfitting
                             ax.plot(train.x, train.mean, color=color, linestyle="--", linewidth=1, alpha=0.8)
+                    if metric == "val_loss" and np.isfinite(val_top):
+                        ax.set_ylim(top=val_top * 1.05)  # early train losses would squash the validation curves
                     _log_x(ax)
                     ax.set_xlabel(AXES[axis])
                     ax.set_ylabel("loss (solid: val, dashed: train)" if metric == "val_loss" else metric.replace("_", " "))
