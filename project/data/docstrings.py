@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -47,9 +48,14 @@ class DocstringSource:
     def documents(self, split: str) -> Iterator[str]:
         check_split(split)
         want_val = split == "val"
-        for doc in self._all_documents():
+        for doc in self._all:
             if self._is_val(doc) == want_val:
                 yield doc
+
+    @functools.cached_property
+    def _all(self) -> list[str]:
+        """Every document, parsed once (tens of MB) and shared by the tokenizer and both splits."""
+        return list(self._all_documents())
 
     def _is_val(self, doc: str) -> bool:
         digest = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big")
