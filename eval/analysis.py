@@ -4,7 +4,7 @@
 - resampling: `bootstrap` (percentile interval over user-defined resamples, undefined replicates counted)
 - learning curves: `mean_curve` (seed mean / std on a shared grid), `first_crossing`, `crossing_saving`
 - scaling: `fit_loglinear` (loss vs log2 params: slope per doubling, R^2, slope interval), `fit_neff`
-  (METHOD.md's N_eff = N_c (1 + eta * gamma(rho)) with gamma(rho) = c * rho^p)
+  (docs/METHOD.md's N_eff = N_c (1 + eta * gamma(rho)) with gamma(rho) = c * rho^p)
 - iso-FLOP: `fit_parabola` (loss vs log10 N per budget), `fit_frontier`, `compute_saving`
 
 Every interval is returned together with a note when it cannot be computed (n=1, zero variance,
@@ -286,7 +286,7 @@ def _neff_model(with_p: bool) -> Callable:
 
 def fit_neff(eta: Sequence[float], rho: Sequence[float], loss: Sequence[float],
              confidence: float = CONFIDENCE) -> NeffFit:  # fmt: skip
-    """Fit METHOD.md's effective-parameter form at a fixed backbone and token count.
+    """Fit docs/METHOD.md's effective-parameter form at a fixed backbone and token count.
 
     At fixed N_c and D the loss is a function of N_eff alone; locally L = L_c + s * log2(N_eff / N_c) with
     N_eff / N_c = 1 + eta * gamma(rho), eta = N_tokenindexed / N_backbone, rho = K / n_e. gamma(rho) =

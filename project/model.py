@@ -1,5 +1,5 @@
 """The decoder: a pre-norm Llama-style transformer whose FFN slot is dense or MoE, optionally
-modulated per layer by token-indexed parameters (JTok or JTok-M), as in METHOD.md.
+modulated per layer by token-indexed parameters (JTok or JTok-M), as in docs/METHOD.md.
 
 Shape suffixes: B batch, T time, D d_model, N tokens (B*T), V vocabulary, E experts or tables,
 K selected per token, F hidden size, H heads, Hd head size.

@@ -22,7 +22,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    # Token-indexed tables and their scales s_l get their own learning-rate multipliers (METHOD.md):
+    # Token-indexed tables and their scales s_l get their own learning-rate multipliers (docs/METHOD.md):
     # at 1x, s_l barely moves from its initial value in short runs.
     table_lr_mult: float = 10.0
     table_weight_decay: float = 0.0
