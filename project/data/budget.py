@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from project.data.windows import window_count
+
 AUTO = "auto"  # data.source.docs_per_entity: size the facts corpus so the run reads it at most once
 PILOT_DOCS_PER_ENTITY = 4  # the pilot corpus that measures tokens per document before sizing
 SIZE_MARGIN = 0.05  # extra documents over the estimate (tokenizer and batching differences)
@@ -28,7 +30,7 @@ class DataBudget:
     @property
     def usable_windows(self) -> int:
         """Windows in one pass of the sampler: whole global batches of whole windows."""
-        windows = (self.train_tokens - 1) // self.seq_len
+        windows = window_count(self.train_tokens, self.seq_len)
         return windows // self.windows_per_step * self.windows_per_step
 
     @property

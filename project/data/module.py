@@ -16,7 +16,7 @@ from project.data import cache
 from project.data.sampler import ResumableShuffleSampler
 from project.data.source import Source
 from project.data.tokenizer import TokenizerSettings, load_tokenizer
-from project.data.windows import TokenWindows, collate_windows
+from project.data.windows import TokenWindows, collate_windows, window_count
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -159,5 +159,5 @@ class TokenDataModule(L.LightningDataModule):
     @property
     def train_tokens_per_epoch(self) -> int:
         """Target tokens seen in one epoch: full batches of full windows (drop_last)."""
-        windows = (self.meta["train_tokens"] - 1) // self.seq_len
+        windows = window_count(self.meta["train_tokens"], self.seq_len)
         return windows // self.batch_size * self.batch_size * self.seq_len

@@ -10,6 +10,11 @@ import torch
 from torch.utils.data import Dataset
 
 
+def window_count(num_tokens: int, seq_len: int) -> int:
+    """Whole (input, target) windows in `num_tokens` tokens: consecutive windows share one token."""
+    return (num_tokens - 1) // seq_len
+
+
 class TokenWindows(Dataset[torch.Tensor]):
     """Window i is `tokens[i*seq_len : i*seq_len + seq_len + 1]`; `max_windows` caps the count."""
 
@@ -23,7 +28,7 @@ class TokenWindows(Dataset[torch.Tensor]):
         self.dtype = np.dtype(dtype)
         self.num_tokens = num_tokens
         self.seq_len = seq_len
-        windows = (num_tokens - 1) // seq_len
+        windows = window_count(num_tokens, seq_len)
         self.num_windows = windows if max_windows is None else min(windows, max_windows)
         self._tokens: np.memmap | None = None
 
