@@ -11,24 +11,21 @@ from omegaconf import DictConfig
 # Noise from Lightning 2.6 on torch 2.13, not actionable by users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
-STAGES = ("train", "eval", "report")
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig):
+    import stages
     from project.config import ConfigError
 
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r} is not one of {', '.join(STAGES)}")
-    from project import pipeline
-
+    if cfg.stage not in stages.STAGES:
+        raise ConfigError(f"stage={cfg.stage!r} is not one of {', '.join(stages.STAGES)}")
     if cfg.stage == "train":
-        return pipeline.train(cfg)["val_loss"]
+        return stages.train(cfg)["val_loss"]
     if cfg.stage == "eval":
         overrides = HydraConfig.get().overrides.task
-        pipeline.evaluate(cfg, explicit_benchmarks=any(o.startswith("eval.benchmarks") for o in overrides))
+        stages.evaluate(cfg, explicit_benchmarks=any(o.startswith("eval.benchmarks") for o in overrides))
     else:
-        pipeline.report(cfg)
+        stages.report(cfg)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm.auto import tqdm
 
 from project.checkpoint import LoadedModel, load_model
+from project.data.tokenizer import EOS
 
 log = logging.getLogger(__name__)
 
-EOS = "<|endoftext|>"
 DEFAULT_BATCH_SIZE = 16
 CPU_AUTO_BATCH_SIZE = 32  # "auto" on CPU: there is no out-of-memory signal to probe with
 

@@ -216,7 +216,8 @@ def _load_facts_qa(qa_path: str | None, work_dir: str | os.PathLike | None) -> L
     if qa_path is None or not Path(qa_path).is_file():
         raise BenchmarkUnavailable(
             f"benchmark 'facts_qa' needs the run's QA file (qa.jsonl of the facts corpus), "
-            f"{'none was given' if qa_path is None else f'{qa_path} does not exist'}"
+            f"{'none was given' if qa_path is None else f'{qa_path} does not exist'} "
+            f"(stage=eval reads it from the summary.json of the run whose checkpoints/ folder holds the checkpoint)"
         )
     if work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="jtok-facts-qa-")

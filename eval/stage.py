@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from project.config import settings_from_dict
 from project.hub import ensure_hub_mode
 from project.io import atomic_write_json
 
@@ -40,12 +41,7 @@ class EvalSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> EvalSettings:
-        values = _plain(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown eval settings {unknown}; valid ones: {sorted(known)}")
-        settings = cls(**values)
+        settings = settings_from_dict(cls, _plain(values or {}), "eval")
         settings.benchmarks = list(settings.benchmarks)
         settings.num_fewshot = dict(settings.num_fewshot or {})
         return settings

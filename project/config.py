@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
 
 # variant -> (FFN kind, token-indexed modulator)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -19,6 +21,15 @@ VARIANTS: dict[str, tuple[str, str]] = {
 
 class ConfigError(ValueError):
     """An inconsistent or unknown model/training setting."""
+
+
+def settings_from_dict(cls: type[T], values: Mapping[str, Any], section: str) -> T:
+    """Build the settings dataclass `cls` from a config section, naming any unknown key and the valid ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} settings {unknown}; valid ones: {sorted(known)}")
+    return cls(**dict(values))
 
 
 @dataclass
@@ -87,11 +98,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model settings {unknown}; valid ones: {sorted(known)}")
-        cfg = cls(**dict(values))
+        cfg = settings_from_dict(cls, values, "model")
         cfg.validate()
         return cfg
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -24,11 +25,14 @@ class NonFiniteLossError(RuntimeError):
 class LMModule(L.LightningModule):
     """Next-token language modelling for any variant in `project.config.VARIANTS`."""
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any] | None = None, parallel: dict | None = None):
+    def __init__(
+        self, model: ModelConfig | Mapping[str, Any], optim: Mapping[str, Any] | None = None, parallel: dict | None = None
+    ):
         super().__init__()
-        self.save_hyperparameters()
-        self.model_cfg = ModelConfig.from_dict(model)
+        self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
         self.optim_cfg = OptimConfig.from_dict(optim or {})
+        # Plain dicts, so checkpoints and hparams.yaml read back without this project's classes.
+        self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": dict(optim or {}), "parallel": parallel})
         self.parallel = dict(parallel or {})
         self.model = Transformer(self.model_cfg)
         self.val_loss = MeanMetric()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from project.config import ConfigError
+from project.config import ConfigError, settings_from_dict
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -34,11 +34,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "OptimConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown optim settings {unknown}; valid ones: {sorted(known)}")
-        cfg = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in values.items()})
+        cfg = settings_from_dict(cls, {k: (tuple(v) if k == "betas" else v) for k, v in values.items()}, "optim")
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0.0 <= cfg.decay_fraction <= 1.0:

@@ -1,14 +1,8 @@
-"""Data parallelism for the decoder: FSDP2 wrapping (used by `trainer=fsdp`) and sharded-checkpoint
-consolidation. Kept apart from the model definition, as in torchtitan.
-
-    python -m project.parallel consolidate RUN/checkpoints/last.ckpt OUT.ckpt
-"""
+"""Data parallelism for the decoder: FSDP2 wrapping, used by `trainer=fsdp`. Kept apart from the model
+definition, as in torchtitan; sharded checkpoints are consolidated in `project/checkpoint.py`."""
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,53 +60,3 @@ def apply_fsdp(
         fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **common)
     fully_shard(model, reshard_after_forward=False, **common)
     return model
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """A folder written by distributed checkpointing (Lightning's sharded format)."""
-    path = Path(path)
-    return path.is_dir() and (path / "meta.pt").is_file()
-
-
-def consolidate(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
-    """Merge a sharded checkpoint folder into one file loadable on a single device (and by eval).
-
-    Runs in one process without a process group; it needs the full model in CPU memory."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-    from project.io import AtomicCheckpointIO
-
-    folder, out_file = Path(folder), Path(out_file)
-    if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{folder} is not a sharded checkpoint folder (no meta.pt inside)")
-    checkpoint = _load_distributed_checkpoint(folder)
-    # Optimizer states stay in the folder: the consolidated file is for evaluation and fine-tuning.
-    checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}
-    AtomicCheckpointIO().save_checkpoint(checkpoint, out_file)
-    return out_file
-
-
-def single_file_checkpoint(path: str | os.PathLike) -> Path:
-    """`path` itself for a single-file checkpoint; for a sharded folder, its consolidated sibling
-    `<name>.consolidated.ckpt` (written once, rewritten when the folder is newer)."""
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        return path
-    out = path.with_name(path.stem + ".consolidated.ckpt")
-    if not out.is_file() or out.stat().st_mtime < (path / "meta.pt").stat().st_mtime:
-        consolidate(path, out)
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m project.parallel", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    cons = sub.add_parser("consolidate", help="merge a sharded checkpoint folder into one .ckpt file")
-    cons.add_argument("folder")
-    cons.add_argument("out_file")
-    args = parser.parse_args(argv)
-    print(consolidate(args.folder, args.out_file))
-
-
-if __name__ == "__main__":
-    main()

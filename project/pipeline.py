@@ -1,12 +1,15 @@
-"""The train stage: prepare data, build the variant, fit, validate, write the run directory."""
+"""The train stage: prepare data, build the variant, fit, validate, write the run directory.
+
+Evaluation comes after it, from the stage runner above both layers (`stages.py`)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,23 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from project.accounting import flops_per_token
 from project.config import ConfigError, ModelConfig
 from project.data import budget
-from project.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text, read_checkpoint
+from project.checkpoint import AtomicCheckpointIO, read_checkpoint, single_file_checkpoint
+from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
-from project.parallel import single_file_checkpoint
-from project.probe import KnowledgeProbe
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What the train stage wrote: the summary (also in `run_dir/summary.json` on rank 0) and where the
+    evaluation finds the checkpoint and the facts QA file."""
+
+    summary: dict[str, Any]
+    run_dir: Path
+    checkpoint: Path
+    qa_path: Path | None
+    is_global_zero: bool
 
 
 class TrainTimer(Callback):
@@ -49,8 +63,8 @@ class TrainTimer(Callback):
         self.tokens += batch[0].numel() * trainer.world_size
 
 
-def model_settings(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
-    """The model section with V taken from the tokenizer (or checked against it)."""
+def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    """The model section, validated, with V taken from the tokenizer (or checked against it)."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
     if settings.get("vocab_size") is None:
         settings["vocab_size"] = vocab_size
@@ -59,16 +73,15 @@ def model_settings(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
             f"model.vocab_size={settings['vocab_size']} is smaller than the tokenizer's vocabulary ({vocab_size}): "
             f"ids would fall outside the tables. Leave model.vocab_size=null to take it from the tokenizer."
         )
-    ModelConfig.from_dict(settings)
-    return settings
+    return ModelConfig.from_dict(settings)
 
 
-def check_resume(ckpt_path: str, settings: dict[str, Any]) -> None:
+def check_resume(ckpt_path: str, model_cfg: ModelConfig) -> None:
     """Fail before training if the checkpoint is unreadable or belongs to another model."""
     if Path(ckpt_path).is_dir():
         return  # a sharded checkpoint: the strategy reads and checks it
-    saved = read_checkpoint(ckpt_path)["hyper_parameters"]["model"]
-    diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    saved = ModelConfig.from_dict(read_checkpoint(ckpt_path)["hyper_parameters"]["model"]).to_dict()
+    diff = {k: (saved[k], v) for k, v in model_cfg.to_dict().items() if saved[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"checkpoint {ckpt_path} was trained with a different model ({detail})")
@@ -150,14 +163,14 @@ def data_budget(cfg: DictConfig, datamodule: Any, steps: int | None = None) -> b
     )
 
 
-def resolve_steps(cfg: DictConfig, settings: dict[str, Any], datamodule: Any) -> None:
+def resolve_steps(cfg: DictConfig, model_cfg: ModelConfig, datamodule: Any) -> None:
     """Set `trainer.max_steps` from `train_flops` (a compute budget: FLOPs per token x tokens per step) or
     from `train_epochs` (passes over the training split); then check it is a positive step count."""
     flops, epochs = cfg.get("train_flops"), cfg.get("train_epochs")
     if flops is not None and epochs is not None:
         raise ConfigError(f"train_flops={flops} and train_epochs={epochs} both set the step count: give one")
     if flops is not None:
-        per_step = flops_per_token(ModelConfig.from_dict(settings), cfg.data.seq_len) * tokens_per_step(cfg)
+        per_step = flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step(cfg)
         steps = int(float(flops) // per_step)
         if steps < 1:
             raise ConfigError(f"train_flops={flops:.3g} is less than one step ({per_step:.3g} FLOPs)")
@@ -174,8 +187,8 @@ def resolve_steps(cfg: DictConfig, settings: dict[str, Any], datamodule: Any) ->
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
 
 
-def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudget]:
-    """Build the data module and the model settings, fix the step count, and check how often the run reads
+def prepare_data(cfg: DictConfig) -> tuple[Any, ModelConfig, budget.DataBudget]:
+    """Build the data module and the model config, fix the step count, and check how often the run reads
     its data. `data.source.docs_per_entity=auto` first measures tokens per document on a pilot corpus,
     then grows the facts corpus so the run reads it at most once."""
     auto = budget.is_auto(cfg.data)
@@ -195,8 +208,8 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudge
         log.info("docs_per_entity=auto: %d documents per person for %d steps", docs, cfg.trainer.max_steps)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    settings = model_settings(cfg, datamodule.vocab_size)
-    resolve_steps(cfg, settings, datamodule)
+    model_cfg = model_config(cfg, datamodule.vocab_size)
+    resolve_steps(cfg, model_cfg, datamodule)
     plan = data_budget(cfg, datamodule)
     if plan.epochs > 1:
         if auto:
@@ -206,13 +219,13 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any], budget.DataBudge
             "token-indexed tables memorise them (see eval/RESEARCH.md, 'When data repeats')",
             plan.epochs, plan.steps, plan.steps_per_epoch,
         )  # fmt: skip
-    return datamodule, settings, plan
+    return datamodule, model_cfg, plan
 
 
 def size_facts_corpus(cfg: DictConfig, pilot: Any) -> int:
     """Documents per person for a facts corpus this run reads at most once, from the pilot corpus's tokens
     per document (the step count is resolved first: it may follow from a FLOP budget)."""
-    resolve_steps(cfg, model_settings(cfg, pilot.vocab_size), pilot)
+    resolve_steps(cfg, model_config(cfg, pilot.vocab_size), pilot)
     meta = pilot.meta
     wps = budget.windows_per_step(cfg.data.batch_size, cfg.trainer)
     needed = budget.tokens_needed(cfg.trainer.max_steps, wps, cfg.data.seq_len)
@@ -239,32 +252,30 @@ def data_record(datamodule: Any, plan: budget.DataBudget) -> dict[str, Any]:
     return record
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run the train stage and return the summary it wrote to `run_dir/summary.json`."""
+def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = None) -> TrainResult:
+    """Run the train stage and write `run_dir/summary.json` (its `eval` still empty). `callbacks(datamodule)`
+    adds the caller's callbacks (the in-training knowledge probe) once the data is prepared."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule, settings, plan = prepare_data(cfg)
+    datamodule, model_cfg, plan = prepare_data(cfg)
     if cfg.ckpt_path:
-        check_resume(cfg.ckpt_path, settings)
+        check_resume(cfg.ckpt_path, model_cfg)
     earlier_metrics = check_run_dir(run_dir, cfg)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
 
     module = LMModule(
-        model=settings,
+        model=model_cfg,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         parallel=OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg else {},
     )
     module.tokenizer_json = datamodule.tokenizer.to_str()
     timer = TrainTimer()
-    callbacks: list[Callback] = [timer]
-    if cfg.probe.enabled and datamodule.qa_path is not None:
-        callbacks.append(KnowledgeProbe(datamodule.qa_path, module.tokenizer_json, cfg.probe.max_items))
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    trainer = build_trainer(cfg, run_dir, [timer, *(callbacks(datamodule) if callbacks else [])])
     stats = module.stats()
-    log.info("variant %s: %s", settings["variant"], stats)
+    log.info("variant %s: %s", model_cfg.variant, stats)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
@@ -279,7 +290,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         checkpoint = single_file_checkpoint(checkpoint)  # sharded runs: one file for eval and reuse
     summary = {
-        "variant": settings["variant"],
+        "variant": model_cfg.variant,
         "seed": cfg.seed,
         **stats,
         "train_tokens": module.train_tokens,
@@ -292,69 +303,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
         "train_seconds": timer.seconds,
         "checkpoint": str(checkpoint),
-        "model": settings,
+        "model": model_cfg.to_dict(),
         "eval": {},
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "summary.json", summary)  # training results are safe before eval starts
-        summary["eval"] = run_eval(cfg, checkpoint, run_dir, datamodule.qa_path)
-        atomic_write_json(run_dir / "summary.json", summary)
-    return summary
-
-
-def run_eval(cfg: DictConfig, checkpoint: Path, run_dir: Path, qa_path: Path | None, strict: bool | None = None):
-    """The eval stage on one checkpoint: lm-eval benchmarks and the facts probe (see eval/stage.py)."""
-    if not cfg.eval.enabled:
-        return {}
-    from eval.stage import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint, OmegaConf.to_container(cfg.eval, resolve=True), run_dir, qa_path, strict=strict)
-
-
-def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, Any]:
-    """`stage=eval ckpt_path=...`: evaluate an existing checkpoint. When it lies in a run's
-    `checkpoints/` folder, that run's eval.json and summary.json are updated; otherwise the results
-    go to this stage's run dir. Benchmarks named on the command line must be available."""
-    if not cfg.ckpt_path:
-        raise ConfigError("stage=eval needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
-    source = Path(cfg.ckpt_path).resolve()
-    if not source.exists():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
-    checkpoint = single_file_checkpoint(source)
-    read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
-    owner = source.parent.parent
-    run_dir = owner if (owner / "summary.json").is_file() else Path(cfg.run_dir).resolve()
-    qa_path = facts_qa_path(cfg, run_dir / "summary.json")
-    strict = True if explicit_benchmarks else None
-    results = run_eval(cfg, checkpoint, run_dir, qa_path, strict=strict)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        summary["eval"] = results
-        atomic_write_json(summary_path, summary)
-    return results
-
-
-def facts_qa_path(cfg: DictConfig, summary_path: Path) -> Path | None:
-    """The facts QA file of the run that trained the checkpoint (its summary names it), else of the
-    configured facts corpus when its size is fixed (the cache finds it without rebuilding)."""
-    if summary_path.is_file():
-        recorded = (json.loads(summary_path.read_text()).get("data") or {}).get("qa_path")
-        if recorded and Path(recorded).is_file():
-            return Path(recorded)
-    source = cfg.data.get("source", {})
-    if not source.get("_target_", "").endswith("FactsSource") or budget.is_auto(cfg.data):
-        return None
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    return datamodule.qa_path
-
-
-def report(cfg: DictConfig) -> dict[str, Any]:
-    """`stage=report runs=GLOB`: the ablation table and plots over finished runs."""
-    if not cfg.runs:
-        raise ConfigError("stage=report needs runs=GLOB (e.g. runs='runs/multirun_*') or a list of run folders")
-    from eval.report import build_report
-
-    globs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
-    return build_report(globs, cfg.report_dir or cfg.run_dir)
+    return TrainResult(summary, run_dir, checkpoint, datamodule.qa_path, trainer.is_global_zero)

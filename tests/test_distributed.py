@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from conftest import offline_env
-from project.checkpoint import load_model
-from project.parallel import consolidate, is_sharded_checkpoint
+from project.checkpoint import consolidate, is_sharded_checkpoint, load_model
 
 pytestmark = pytest.mark.distributed
 

@@ -22,7 +22,7 @@ from benchmark_fixtures import write_benchmark_fixtures
 from eval import benchmarks
 from eval.adapter import JTokLM
 from eval.stage import evaluate_checkpoint
-from project.checkpoint import load_model
+from project.checkpoint import STATE_PREFIX, load_model
 from project.config import ModelConfig
 from project.data.tokenizer import EOS, train_tokenizer
 from project.model import Transformer
@@ -80,7 +80,7 @@ def checkpoint(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
     model = Transformer(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
-    state = {"model." + k: v for k, v in model.state_dict().items()}
+    state = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"model": cfg.to_dict()},
                 "tokenizer_json": tokenizer.to_str()}, path)  # fmt: skip
     return path

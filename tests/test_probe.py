@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from project.checkpoint import load_model
-from project.pipeline import train
-from project.probe import KnowledgeProbe
+from eval.probe import KnowledgeProbe
+from stages import train
 
 
 # The probe scores right-padded batches through the lm-eval adapter, direct_accuracy one unpadded sequence per

@@ -19,7 +19,8 @@ from hydra.errors import MissingConfigException
 
 from project.config import VARIANTS, ConfigError
 from project.lit_module import LMModule, NonFiniteLossError
-from project.pipeline import model_settings, train
+from project.pipeline import model_config
+from stages import train
 
 from conftest import CONFIG_DIR
 
@@ -42,7 +43,7 @@ def test_every_model_option_composes_to_its_variant(variant):
         cfg = compose(config_name="config", overrides=[f"model={variant}"])
     assert cfg.model.variant == variant
     assert cfg.model.max_seq_len == cfg.data.seq_len
-    assert model_settings(cfg, vocab_size=2048)["vocab_size"] == 2048
+    assert model_config(cfg, vocab_size=2048).vocab_size == 2048
 
 
 def test_unknown_model_option_names_the_valid_ones():
@@ -55,7 +56,7 @@ def test_unknown_model_option_names_the_valid_ones():
 def test_unknown_variant_value_names_the_valid_ones(make_cfg):
     cfg = make_cfg("model.variant=jtok_q")
     with pytest.raises(ConfigError, match="valid variants: baseline, jtok, jtok_m, moe, moe_jtok, moe_jtok_m"):
-        model_settings(cfg, vocab_size=100)
+        model_config(cfg, vocab_size=100)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -63,7 +64,7 @@ def test_fast_dev_run(variant, make_cfg):
     cfg = make_cfg(f"model={variant}")
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
-    module = LMModule(model=model_settings(cfg, dm.vocab_size), optim=dict(cfg.optim))
+    module = LMModule(model=model_config(cfg, dm.vocab_size), optim=dict(cfg.optim))
     trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
@@ -165,11 +166,8 @@ def test_run_py_command_line(data_cache, tmp_path):
 
 def test_a_flops_budget_sets_the_number_of_steps(make_cfg):
     from project.accounting import flops_per_token
-    from project.config import ModelConfig
-
     probe = make_cfg("model=jtok_m")
-    settings = model_settings(probe, vocab_size=384)
-    per_step = flops_per_token(ModelConfig.from_dict(settings), 32) * 4 * 32
+    per_step = flops_per_token(model_config(probe, vocab_size=384), 32) * 4 * 32
     summary = train(make_cfg("model=jtok_m", f"train_flops={7.5 * per_step}"))
     assert summary["steps"] == 7
     assert summary["train_tokens"] * summary["flops_per_token"] <= 7.5 * per_step

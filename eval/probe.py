@@ -35,7 +35,7 @@ class KnowledgeProbe(Callback):
         from lm_eval.api.instance import Instance
         from tokenizers import Tokenizer
 
-        from eval.adapter import JTokLM
+        from eval.adapter import JTokLM  # imports lm-eval: seconds, paid only when the probe scores
         from project.checkpoint import LoadedModel
 
         loaded = LoadedModel(model, Tokenizer.from_str(self.tokenizer_json), config, {})

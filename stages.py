@@ -1,0 +1,86 @@
+"""The stages `run.py` runs: train (then evaluate), evaluate a checkpoint, report over runs.
+
+This module sits above both layers: `project/` trains and knows nothing of evaluation; `eval/` scores
+checkpoints and reads runs. Here the two are put in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from eval.probe import KnowledgeProbe
+from eval.report import build_report
+from eval.stage import evaluate_checkpoint
+from project import pipeline
+from project.checkpoint import read_checkpoint, single_file_checkpoint
+from project.config import ConfigError
+from project.io import atomic_write_json
+
+STAGES = ("train", "eval", "report")
+
+
+def probe_callbacks(cfg: DictConfig):
+    """The in-training knowledge probe for a facts corpus, when `probe.enabled`."""
+
+    def make(datamodule: Any) -> list:
+        if not cfg.probe.enabled or datamodule.qa_path is None:
+            return []
+        return [KnowledgeProbe(datamodule.qa_path, datamodule.tokenizer.to_str(), cfg.probe.max_items)]
+
+    return make
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """`stage=train`: train, then (on rank 0) evaluate the final checkpoint; returns the summary."""
+    result = pipeline.train(cfg, callbacks=probe_callbacks(cfg))
+    if result.is_global_zero:
+        result.summary["eval"] = run_eval(cfg, result.checkpoint, result.run_dir, result.qa_path)
+        atomic_write_json(result.run_dir / "summary.json", result.summary)
+    return result.summary
+
+
+def run_eval(cfg: DictConfig, checkpoint: Path, run_dir: Path, qa_path: Path | None, strict: bool | None = None):
+    """The eval stage on one checkpoint: lm-eval benchmarks and the facts probe (see eval/stage.py)."""
+    if not cfg.eval.enabled:
+        return {}
+    return evaluate_checkpoint(checkpoint, OmegaConf.to_container(cfg.eval, resolve=True), run_dir, qa_path, strict=strict)
+
+
+def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, Any]:
+    """`stage=eval ckpt_path=...`: evaluate an existing checkpoint. When it lies in a run's
+    `checkpoints/` folder, that run's eval.json and summary.json are updated; otherwise the results
+    go to this stage's run dir. Benchmarks named on the command line must be available."""
+    if not cfg.ckpt_path:
+        raise ConfigError("stage=eval needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
+    source = Path(cfg.ckpt_path).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    checkpoint = single_file_checkpoint(source)
+    read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
+    owner = source.parent.parent
+    run_dir = owner if (owner / "summary.json").is_file() else Path(cfg.run_dir).resolve()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    strict = True if explicit_benchmarks else None
+    results = run_eval(cfg, checkpoint, run_dir, facts_qa_path(summary), strict=strict)
+    if summary is not None:
+        summary["eval"] = results
+        atomic_write_json(summary_path, summary)
+    return results
+
+
+def facts_qa_path(summary: dict[str, Any] | None) -> Path | None:
+    """The facts QA file of the run that trained the checkpoint, as its summary records it."""
+    recorded = ((summary or {}).get("data") or {}).get("qa_path")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
+
+
+def report(cfg: DictConfig) -> dict[str, Any]:
+    """`stage=report runs=GLOB`: the ablation table and plots over finished runs."""
+    if not cfg.runs:
+        raise ConfigError("stage=report needs runs=GLOB (e.g. runs='runs/multirun_*') or a list of run folders")
+    globs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    return build_report(globs, cfg.report_dir or cfg.run_dir)
