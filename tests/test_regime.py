@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import CONFIG_DIR
-from eval import capacity, knowledge, overfitting
-from eval.report import build_report
+from eval import knowledge
+from eval.report import build_report, capacity, overfitting
 from project import pipeline
 from project.config import ConfigError
 from project.data import DocstringSource, FactsSource, budget
@@ -73,7 +73,7 @@ def test_every_shipped_experiment_reads_each_training_document_at_most_once(expe
 
 def test_auto_sized_run_reads_at_most_one_epoch_and_records_it(make_cfg):
     cfg = make_cfg("model=jtok", "data.source.docs_per_entity=auto", "trainer.max_steps=100", "trainer.val_check_interval=50")
-    summary = pipeline.train(cfg)
+    summary = pipeline.train(cfg).summary
     data = summary["data"]
     docs = data["docs_per_entity"]
     assert docs == cfg.data.source.docs_per_entity >= 2  # resolved from 'auto'
@@ -143,7 +143,7 @@ def test_report_flags_a_tiny_run_built_to_overfit(make_cfg, tmp_path):
                    "optim.schedule=constant", "trainer.max_steps=300", "trainer.val_check_interval=10",
                    "trainer.log_every_n_steps=5", "checkpoint.every_n_train_steps=1000", "probe.enabled=false",
                    run_dir=tmp_path / "overfit")  # fmt: skip
-    summary = pipeline.train(cfg)
+    summary = pipeline.train(cfg).summary
     assert summary["data"]["epochs"] > 10
     (run,) = build_report([str(tmp_path / "overfit")], tmp_path / "out")["overfitting"]["runs"]
     assert run["rise"] > overfitting.MIN_RISE and run["best_step"] < 300, run

@@ -86,7 +86,8 @@ def test_table_deltas_csv_and_plots(runs, tmp_path, capsys):
 
 
 def test_flops_come_from_logged_train_tokens(runs):
-    from eval.report import load_runs, val_curve
+    from eval.report.curves import val_curve
+    from eval.report.runs import load_runs
 
     run = next(r for r in load_runs([str(runs / "multirun_2026" / "1_jtok_s0")]))
     points = val_curve(run)
@@ -125,7 +126,7 @@ def fake_run(folder: Path, variant: str, seed: int, val_loss: float, *, model: d
 
 
 def test_seeds_are_aggregated_per_group_with_welch_deltas(tmp_path):
-    from eval import analysis
+    from eval.report import stats
 
     sweep = tmp_path / "seeds"
     base, jtok = [3.00, 3.02, 2.98], [2.90, 2.93, 2.91]
@@ -139,9 +140,9 @@ def test_seeds_are_aggregated_per_group_with_welch_deltas(tmp_path):
 
     recs = {(r["metric"], r["variant"]): r for r in report["seeds"]}
     loss = recs[("val_loss", "jtok")]
-    expected = analysis.welch_delta(jtok, base)
+    expected = stats.welch_delta(jtok, base)
     assert (loss["n"], loss["seeds"], loss["values"]) == (3, [0, 1, 2], jtok)
-    assert loss["mean"] == pytest.approx(sum(jtok) / 3) and loss["std"] == pytest.approx(analysis.summarize(jtok).std)
+    assert loss["mean"] == pytest.approx(sum(jtok) / 3) and loss["std"] == pytest.approx(stats.summarize(jtok).std)
     # Same function on the same values in the same (seed) order, which JSON round-trips exactly: bit-identical.
     assert (loss["delta"], loss["ci_low"], loss["ci_high"]) == (expected.estimate, expected.low, expected.high)
     assert loss["verdict"] == "better" and loss["vs"] == "baseline"

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eval import analysis
+from eval.report import plots, stats
+from eval.report.groups import run_settings
+from eval.report.runs import BASELINE, VARIANT_ORDER
+from eval.report.section import Context, Section
 
 SIZE_KEY = "data.source.num_entities"
 FACTS_PER_ENTITY = 5
-BASELINE = "baseline"
 
 
 def _value(run: Any, *path: str) -> float | None:
@@ -47,7 +49,7 @@ def records(runs: list[Any], settings_of: Callable[[Any], dict[str, Any]], order
                            ("bits_train", ("eval", "facts_bits", "bits_train")),
                            ("bits_heldout", ("eval", "facts_bits", "bits_heldout"))):  # fmt: skip
             values = [v for r in members if (v := _value(r, *path)) is not None]
-            summ = analysis.summarize(values) if values else None
+            summ = stats.summarize(values) if values else None
             rec[name] = summ.mean if summ else None
             rec[f"{name}_std"] = summ.std if summ else None
         rec["prior_bits"] = _value(members[0], "eval", "facts_bits", "prior_bits")
@@ -75,6 +77,7 @@ def _cell(mean: float | None, std: float | None, fmt: str) -> str:
 
 
 def markdown(recs: list[dict[str, Any]]) -> str:
+    """The capacity section: recall and stored bits per variant and corpus size."""
     out = ["## Knowledge capacity: recall and stored bits vs the number of facts", "",
            "Recall: facts QA accuracy (4 choices, chance 0.25). Bits: prior entropy of each value minus the model's "
            "loss on it after a trained paraphrase (eval/knowledge.py), summed over facts; mean ± std over seeds. "
@@ -93,8 +96,9 @@ def markdown(recs: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(recs: list[dict[str, Any]], out_dir: Path, plt: Any, save: Callable[[Any, Path], Path]) -> list[Path]:
+def plot(recs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """capacity.png: recall (held-out, trained) and stored bits against the number of facts, per variant."""
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     variants = list(dict.fromkeys(r["variant"] for r in recs))
     for j, variant in enumerate(variants):
@@ -116,6 +120,14 @@ def plot(recs: list[dict[str, Any]], out_dir: Path, plt: Any, save: Callable[[An
         if title.startswith("recall"):
             ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)  # chance: four choices
         ax.legend(fontsize=8)
-    path = save(fig, out_dir / "capacity.png")
+    path = plots.save_figure(fig, out_dir / "capacity.png")
     plt.close(fig)
     return [path]
+
+
+def section(ctx: Context) -> Section:
+    """Facts corpora at >= 2 sizes: capacity.csv, the Markdown and capacity.png."""
+    recs = records(ctx.runs, run_settings, VARIANT_ORDER)
+    if not recs:
+        return Section("capacity", recs)
+    return Section("capacity", recs, markdown(recs), {"capacity": ("capacity.csv", recs)}, plot(recs, ctx.out_dir))

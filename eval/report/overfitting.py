@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from eval import analysis
+from eval.report import stats
+from eval.report.groups import Group
+from eval.report.runs import Run, metrics_records
+from eval.report.section import Context, Section
 
 MIN_RISE = 0.005  # nats: a rise of the validation loss below this is never flagged
 TRAIN_TAIL = 5  # the train loss at the end: mean of the last TRAIN_TAIL logged values (single batches are noisy)
 
 
-def run_record(run: Any, records: list[dict[str, str]]) -> dict[str, Any]:
+def run_record(run: Run, records: list[dict[str, str]]) -> dict[str, Any]:
     """One run's epochs, final train and val loss, their gap, and the best validation loss with its step."""
     val = [(float(r["step"]), float(r["val/loss"])) for r in records if r.get("val/loss") not in (None, "")]
     train = [float(r["train/loss"]) for r in records if r.get("train/loss") not in (None, "")]
@@ -48,14 +51,13 @@ def run_record(run: Any, records: list[dict[str, str]]) -> dict[str, Any]:
     }
 
 
-def records(groups: list[Any], metrics_of_run: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(per-run records, per-group records), each with its warnings. `metrics_of_run(run)` gives the rows
-    of the run's metrics.csv."""
+def records(groups: list[Group]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-run records, per-group records), each with its warnings."""
     runs_out, groups_out = [], []
     for g in groups:
-        recs = [{**run_record(r, metrics_of_run(r)), "group": g.label} for r in g.runs]
+        recs = [{**run_record(r, metrics_records(r)), "group": g.label} for r in g.runs]
         finals = [r["val_loss_end"] for r in recs if r["val_loss_end"] is not None]
-        noise = analysis.summarize(finals).std if len(finals) > 1 else None
+        noise = stats.summarize(finals).std if len(finals) > 1 else None
         threshold = max(noise or 0.0, MIN_RISE)
         for r in recs:
             r["warnings"] = _warnings(r, threshold)
@@ -117,3 +119,11 @@ def markdown(run_recs: list[dict[str, Any]], group_recs: list[dict[str, Any]]) -
                    f"| {_num(r['val_loss_end'])} | {_num(r['gap'])} | {_num(r['best_val_loss'])} | {step} | "
                    f"{'; '.join(r['warnings'])} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def section(ctx: Context) -> Section:
+    """Always: overfitting.csv (per run) and the Markdown, warnings first."""
+    run_recs, group_recs = records(ctx.groups)
+    result = {"runs": run_recs, "groups": group_recs}
+    tables = {"overfitting": ("overfitting.csv", run_recs)}
+    return Section("overfitting", result, markdown(run_recs, group_recs), tables)
