@@ -15,7 +15,7 @@ from eval.probe import KnowledgeProbe
 from eval.report import build_report
 from eval.stage import evaluate_checkpoint
 from project import pipeline
-from project.checkpoint import read_checkpoint, single_file_checkpoint
+from project.checkpoint import MissingCheckpointError, read_checkpoint, single_file_checkpoint
 from project.config import ConfigError
 from project.io import atomic_write_json
 
@@ -53,23 +53,36 @@ def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, An
     """`stage=eval ckpt_path=...`: evaluate an existing checkpoint. When it lies in a run's
     `checkpoints/` folder, that run's eval.json and summary.json are updated; otherwise the results
     go to this stage's run dir. Benchmarks named on the command line must be available."""
+    if not cfg.eval.enabled:
+        raise ConfigError("stage=eval with eval.enabled=false has nothing to do: drop eval.enabled=false")
     if not cfg.ckpt_path:
         raise ConfigError("stage=eval needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
     source = Path(cfg.ckpt_path).resolve()
     if not source.exists():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
+        raise MissingCheckpointError(f"checkpoint {source} does not exist")
     checkpoint = single_file_checkpoint(source)
     read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
     owner = source.parent.parent
     run_dir = owner if (owner / "summary.json").is_file() else Path(cfg.run_dir).resolve()
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_summary(summary_path) if summary_path.is_file() else None
     strict = True if explicit_benchmarks else None
     results = run_eval(cfg, checkpoint, run_dir, facts_qa_path(summary), strict=strict)
     if summary is not None:
         summary["eval"] = results
         atomic_write_json(summary_path, summary)
     return results
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, or a clear error naming it when it is not a JSON object."""
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): restore it, or delete it to evaluate without it") from exc
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} does not hold a JSON object: restore it, or delete it to evaluate without it")
+    return summary
 
 
 def facts_qa_path(summary: dict[str, Any] | None) -> Path | None:

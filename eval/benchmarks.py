@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import lm_eval
 import yaml
 
+from project.config import UserError
+
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
@@ -63,6 +65,11 @@ ALIASES = {b.task: b.name for b in STOCK.values()}  # "ceval-valid" -> "ceval"
 
 class BenchmarkUnavailable(RuntimeError):
     """A benchmark's data cannot be loaded (offline without a cache or a local copy, or no QA file)."""
+
+
+class BenchmarkFailed(UserError, RuntimeError):
+    """With `strict`, benchmarks failed while scoring; the message names each task and its few-shot count
+    (the traceback of a failure that is no settings mistake is in the log), and eval.json holds the rest."""
 
 
 @dataclass

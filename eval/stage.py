@@ -2,7 +2,10 @@
 
 Each benchmark is a separate `simple_evaluate` call (lm-eval loads every task's data before scoring, so one
 missing dataset would abort a joint call). All data is loaded before the model: with `strict`, a missing
-benchmark fails at once; otherwise it is recorded as `{"status": "unavailable", "reason": ...}`.
+benchmark fails at once; otherwise it is recorded as `{"status": "unavailable", "reason": ...}`. A benchmark that
+fails while scoring (e.g. more shots than its few-shot split holds) is recorded as `{"status": "error", "reason"}`
+naming the task and the shot count, and the others still score; with `strict`, the stage then raises
+`BenchmarkFailed`, after writing eval.json.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class EvalSettings:
     device: str | None = None  # None = CUDA if available, else CPU
     data_dir: str | None = None  # local copies in Hugging Face layout (python -m eval.export_benchmarks)
     offline: bool | None = None  # None = probe the Hub; True = never touch it
-    strict: bool = False  # raise instead of recording a benchmark as unavailable
+    strict: bool = False  # raise for a benchmark that is unavailable (at once) or fails (after the others)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> EvalSettings:
@@ -74,7 +77,8 @@ def evaluate_checkpoint(
     """Run the configured benchmarks on a checkpoint, write `run_dir/eval.json`, print a table, and return
     the compact results for `summary["eval"]`: {key: {"status": "ok", "acc", "stderr", "num_fewshot",
     "n_samples", ...} or {"status": "unavailable" | "error", "reason"}}. `strict` (default: eval_cfg.strict)
-    raises instead: `BenchmarkUnavailable` for missing data, the original exception for a failed run."""
+    raises instead: `BenchmarkUnavailable` for missing data (before scoring), `BenchmarkFailed` for failed runs
+    (after scoring the rest and writing eval.json)."""
     settings = EvalSettings.from_dict(eval_cfg)
     if not settings.enabled:
         log.info("evaluation disabled (eval.enabled=false)")
@@ -110,15 +114,12 @@ def evaluate_checkpoint(
             try:
                 results = run_benchmark(lm, bench, settings)
             except Exception as exc:  # one broken benchmark must not lose the others after a long run
-                if strict:
-                    raise
-                log.exception("benchmark %s failed", name)
-                records[name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                records[name] = failure_record(bench, settings, exc)
                 continue
             env = {k: results.pop(k) for k in ("pretty_env_info", "transformers_version") if k in results} or env
             records[name] = {"status": "ok", "source": bench.source, "seconds": time.perf_counter() - start, **results}
         if "facts_qa" in loaded and qa_path is not None:
-            bits = facts_bits(lm, qa_path, strict)
+            bits = facts_bits(lm, qa_path)
     for name in settings.benchmarks:
         if records[name]["status"] == "ok":
             summary.update(summarize(loaded[name], records[name]))
@@ -143,20 +144,43 @@ def evaluate_checkpoint(
     )
     print(format_table(summary))
     log.info("wrote %s", run_dir / "eval.json")
+    failed = [e["reason"] for e in summary.values() if e.get("status") == "error"]
+    if strict and failed:
+        raise benchmarks.BenchmarkFailed(
+            f"{len(failed)} evaluation(s) failed while scoring; what was scored is in {run_dir / 'eval.json'}: "
+            + "; ".join(failed)
+        )
     return summary
 
 
-def facts_bits(lm: Any, qa_path: str | os.PathLike, strict: bool) -> dict[str, Any]:
+def failure_record(bench: Any, settings: EvalSettings, exc: Exception) -> dict[str, Any]:
+    """The eval.json record of a benchmark that failed while scoring: the reason names its task and shot count
+    (and what to change when the few-shot split is too small); logged, with the traceback unless it is that."""
+    task = task_name(bench)
+    shots = settings.fewshot(bench.name, task)
+    shot_count = "the task's default shots" if shots is None else f"{shots}-shot"
+    reason = f"{bench.name} (task {task}, {shot_count}) failed: {type(exc).__name__}: {exc}"
+    too_few = isinstance(exc, ValueError) and "Sample larger than population" in str(exc)
+    if too_few:
+        reason += f". Its few-shot split holds fewer examples than that: lower eval.num_fewshot.{bench.name}"
+    log.error("%s", reason, exc_info=None if too_few else exc)
+    return {"status": "error", "task": task, "num_fewshot": shots, "reason": reason}
+
+
+def facts_bits(lm: Any, qa_path: str | os.PathLike) -> dict[str, Any]:
     """The knowledge stored in bits over the facts QA items (eval/knowledge.py), or the reason it failed."""
     from eval.knowledge import stored_bits
 
     try:
         return stored_bits(lm, qa_path)
     except Exception as exc:
-        if strict:
-            raise
         log.exception("facts_bits failed")
-        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+        return {"status": "error", "reason": f"facts_bits failed: {type(exc).__name__}: {exc}"}
+
+
+def task_name(bench: Any) -> str:
+    """The lm-eval task (or our group name) a loaded benchmark runs under."""
+    return bench.keys[0] if len(bench.keys) == 1 else bench.name
 
 
 def run_benchmark(lm: Any, bench: Any, settings: EvalSettings) -> dict[str, Any]:
@@ -164,7 +188,7 @@ def run_benchmark(lm: Any, bench: Any, settings: EvalSettings) -> dict[str, Any]
     from lm_eval import simple_evaluate
 
     logging.getLogger("lm_eval.evaluator").addFilter(_quiet_fewshot_override)
-    task = bench.keys[0] if len(bench.keys) == 1 else bench.name
+    task = task_name(bench)
     results = simple_evaluate(
         model=lm,
         tasks=bench.objects,

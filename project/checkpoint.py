@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 import os
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,41 +19,134 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
-from project.config import ModelConfig
+from project.config import ModelConfig, UserError
 from project.model import Transformer
+
+log = logging.getLogger(__name__)
 
 # The LightningModule holds the Transformer as `self.model`, so its weights are saved under this prefix.
 STATE_PREFIX = "model."
+# A checkpoint's own record of its contents: {"algorithm": "sha256", "digest": hex}, checked on every read.
+CHECKSUM_KEY = "jtok_checksum"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, sharded where a file is needed, or not ours."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist."""
+
+
+def _leaves(obj: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor and plain value (str, number, bool, None) of a checkpoint, with its path, in stored order.
+    Other objects are skipped: their repr may not survive a save and load unchanged."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not (name == "" and key == CHECKSUM_KEY):
+                yield from _leaves(value, f"{name}/{key if isinstance(key, (str, int)) else type(key).__name__}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _leaves(value, f"{name}/{index}")
+    elif obj is None or isinstance(obj, (str, bytes, bool)):
+        yield name, obj
+    elif isinstance(obj, (int, float)):  # numpy scalars too, by value (their repr changes across numpy versions)
+        yield name, float(obj) if isinstance(obj, float) else int(obj)
+
+
+def checksum(checkpoint: Mapping[str, Any]) -> str:
+    """sha256 over a checkpoint's tensors (path, dtype, shape and bytes) and plain values."""
+    digest = hashlib.sha256()
+    for name, value in _leaves(checkpoint):
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\n".encode())
+            digest.update(memoryview(data))
+        else:
+            digest.update(f"{name}={value!r}\n".encode())
+    return digest.hexdigest()
+
+
+def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of `checkpoint` that carries the checksum of its contents."""
+    return {**checkpoint, CHECKSUM_KEY: {"algorithm": "sha256", "digest": checksum(checkpoint)}}
+
+
+def verify_checksum(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose contents differ from the checksum written with it."""
+    recorded = checkpoint.get(CHECKSUM_KEY)
+    if recorded is None:
+        log.warning("checkpoint %s carries no checksum (written before checksums existed): it cannot be verified", path)
+        return
+    if not isinstance(recorded, Mapping) or recorded.get("digest") != checksum(checkpoint):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the checksum written with it (the file "
+            f"changed after it was saved). Resume or evaluate from another checkpoint (an earlier step*.ckpt), "
+            f"or retrain."
+        )
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk, so that a rename after it never exposes an empty file after a crash."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but saving to a temporary file renamed into place."""
+    """Lightning's torch checkpoint IO, but each file carries a checksum of its contents, is written to a temporary
+    file renamed into place (never half-written; the temporary file is removed if the write fails) and is verified
+    when Lightning reads it back to resume."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            super().save_checkpoint(with_checksum(checkpoint), tmp, storage_options)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        checkpoint = read_checkpoint(path, map_location=map_location or "cpu", jtok_only=False)
+        return checkpoint
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
-    """Load a single-file Lightning checkpoint, with a clear error if it is missing or unreadable."""
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the `.NAME.tmp` files a killed write leaves behind (nothing reads them); return them."""
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", jtok_only: bool = True) -> dict[str, Any]:
+    """Load a single-file Lightning checkpoint and verify its checksum, with a clear error naming the file if it is
+    missing, unreadable, corrupt or (with `jtok_only`) not a checkpoint of this project."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a sharded (distributed) checkpoint folder; consolidate it first: "
             f"python -m project.checkpoint consolidate {path} OUT.ckpt"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingCheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint (not a torch.save zip archive)")
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (not a torch.save zip archive)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     except Exception as exc:  # torch raises many types for corrupt archives
-        raise ValueError(f"checkpoint {path} is unreadable: {exc}") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a jtok Lightning checkpoint (no state_dict / hyper_parameters)")
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
+    verify_checksum(ckpt, path)
+    if jtok_only and ("state_dict" not in ckpt or "hyper_parameters" not in ckpt):
+        raise CheckpointError(
+            f"checkpoint {path} is not a jtok Lightning checkpoint (no state_dict / hyper_parameters)"
+        )
     return ckpt
 
 
@@ -80,10 +176,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", toke
     elif ckpt.get("tokenizer_json"):
         tokenizer = Tokenizer.from_str(ckpt["tokenizer_json"])
     else:
-        raise ValueError(f"checkpoint {path} carries no tokenizer; pass tokenizer_path=")
+        raise CheckpointError(f"checkpoint {path} carries no tokenizer; pass tokenizer_path=")
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is {cfg.vocab_size}"
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary in {path} "
+            f"is {cfg.vocab_size}"
         )
     return LoadedModel(model.to(device).eval(), tokenizer, cfg, {k: v for k, v in ckpt.items() if k != "state_dict"})
 
@@ -102,7 +199,7 @@ def consolidate(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
     folder, out_file = Path(folder), Path(out_file)
     if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{folder} is not a sharded checkpoint folder (no meta.pt inside)")
+        raise CheckpointError(f"{folder} is not a sharded checkpoint folder (no meta.pt inside)")
     checkpoint = _load_distributed_checkpoint(folder)
     # Optimizer states stay in the folder: the consolidated file is for evaluation and fine-tuning.
     checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}

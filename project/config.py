@@ -19,7 +19,12 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in the user's settings or files: `run.py` prints its message alone and exits with status 2
+    (every other exception is a bug and keeps its traceback)."""
+
+
+class ConfigError(UserError, ValueError):
     """An inconsistent or unknown model/training setting."""
 
 
@@ -105,6 +110,29 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _check_optional_sizes(self) -> None:
+        """Sizes where null means a default: 0 or a negative is refused, not silently taken as the default."""
+        defaults = {
+            "n_kv_heads": "n_heads, no grouped-query attention",
+            "ffn_hidden": "about 8/3 d_model rounded up to a multiple of 64",
+            "expert_hidden": "ffn_hidden // (n_shared_experts + moe_top_k)",
+        }
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"model.{name} must be a positive integer or null (null = {default}), got {value!r}"
+                )
+
+    def _check_scalars(self) -> None:
+        """Standard deviations, epsilons, rates and loss weights that torch would take, or fail on, silently."""
+        for name in ("init_std", "norm_eps", "jtok_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("table_init_std", "moe_aux_loss_coef", "moe_bias_update_rate", "jtokm_aux_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+
     def validate(self) -> None:
         """Raise ConfigError for an unknown variant or settings that cannot build a model."""
         if self.variant not in VARIANTS:
@@ -113,6 +141,8 @@ class ModelConfig:
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        self._check_optional_sizes()
+        self._check_scalars()
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -137,3 +167,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.jtokm_top_k (K={self.jtokm_top_k}) must be in [1, jtokm_tables (n_e={self.jtokm_tables})]"
                 )
+
+
+def check_seq_len(seq_len: int, max_seq_len: int) -> None:
+    """Refuse training windows longer than the model's context (before any data is prepared)."""
+    if seq_len > max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is longer than model.max_seq_len={max_seq_len}: the model cannot read such "
+            f"windows; lower data.seq_len or raise model.max_seq_len"
+        )

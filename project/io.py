@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+@functools.cache
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0644 for the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -15,6 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp creates 0600: readable by the owner only
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

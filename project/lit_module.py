@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from project.accounting import flops_per_token, param_counts
-from project.config import ModelConfig
+from project.config import ModelConfig, UserError
 from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced a NaN or infinite loss (settings to change, e.g. the learning rate: not a bug)."""
 
 
 class LMModule(L.LightningModule):
@@ -37,6 +37,7 @@ class LMModule(L.LightningModule):
         self.model = Transformer(self.model_cfg)
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None  # travels inside checkpoints so they are self-contained
+        self.data_identity: dict[str, Any] | None = None  # the data a checkpoint was trained on (checked on resume)
         self._last_batch_time: float | None = None
         self.train_tokens = 0
         self._sharded = False
@@ -108,10 +109,15 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_json"] = self.tokenizer_json
+        checkpoint["data_identity"] = self.data_identity
         checkpoint["train_tokens"] = self.train_tokens
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokenizer_json = checkpoint.get("tokenizer_json")
+        # The run's own tokenizer and data stay: resume has already checked that the checkpoint's are the same.
+        if self.tokenizer_json is None:
+            self.tokenizer_json = checkpoint.get("tokenizer_json")
+        if self.data_identity is None:
+            self.data_identity = checkpoint.get("data_identity")
         self.train_tokens = int(checkpoint.get("train_tokens", 0))
 
     def stats(self) -> dict[str, Any]:

@@ -4,9 +4,9 @@ Evaluation comes after it, from the stage runner above both layers (`stages.py`)
 
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,16 +15,20 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from project.accounting import flops_per_token
-from project.config import ConfigError, ModelConfig
+from project.config import ConfigError, ModelConfig, check_seq_len
 from project.data import budget
 from project.checkpoint import AtomicCheckpointIO, read_checkpoint, single_file_checkpoint
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
+from project.run_dir import (
+    RunCheckpoint, RunCSVLogger, TrainingInterrupted, claim_run_dir, is_rank_zero, stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +80,74 @@ def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict(settings)
 
 
-def check_resume(ckpt_path: str, model_cfg: ModelConfig) -> None:
-    """Fail before training if the checkpoint is unreadable or belongs to another model."""
-    if Path(ckpt_path).is_dir():
-        return  # a sharded checkpoint: the strategy reads and checks it
-    saved = ModelConfig.from_dict(read_checkpoint(ckpt_path)["hyper_parameters"]["model"]).to_dict()
-    diff = {k: (saved[k], v) for k, v in model_cfg.to_dict().items() if saved[k] != v}
+def data_identity(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """What a checkpoint records of its training data, checked on resume: the source's settings, how it is cut into
+    windows and batches, and the tokenizer (by content: the same tokenizer read from another path is the same)."""
+    tokenizer_json = datamodule.tokenizer.to_str()
+    return {
+        "source": {"kind": datamodule.meta.get("kind"), **(datamodule.meta.get("source") or {})},
+        "seq_len": int(cfg.data.seq_len),
+        "batch_size": int(cfg.data.batch_size),
+        "seed": cfg.data.get("seed"),
+        "tokenizer": {
+            "vocab_size": int(datamodule.tokenizer.get_vocab_size()),
+            "sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+        },
+    }
+
+
+def flatten(settings: Any, prefix: str) -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"prefix.a.b": 1}`, so that a mismatch names the exact setting."""
+    if not isinstance(settings, dict):
+        return {prefix: settings}
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        flat.update(flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def resume_record(ckpt_path: str) -> dict[str, Any]:
+    """Everything but the tensors of the checkpoint to resume from (verified: read_checkpoint checks its checksum)."""
+    path = Path(ckpt_path)
+    if path.is_dir():  # a sharded checkpoint: its meta.pt holds the same record (the strategy reads the shards)
+        meta = path / "meta.pt"
+        if not meta.is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path} is a folder but not a sharded checkpoint (no meta.pt inside)")
+        return torch.load(meta, map_location="cpu", weights_only=False)
+    return read_checkpoint(path)
+
+
+def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], data: dict[str, Any]) -> int:
+    """Fail before training if the checkpoint is unreadable or was trained with other settings (model, optimizer,
+    data source, tokenizer), naming every differing field; return the step it resumes from."""
+    record = resume_record(ckpt_path)
+    saved_model = ModelConfig.from_dict(record["hyper_parameters"]["model"]).to_dict()
+    ours = {**flatten(model_cfg.to_dict(), "model"), **flatten(optim, "optim")}
+    theirs = {**flatten(saved_model, "model"), **flatten(record["hyper_parameters"].get("optim") or {}, "optim")}
+    if record.get("data_identity") is not None:
+        ours.update(flatten(data, "data"))
+        theirs.update(flatten(record["data_identity"], "data"))
+    else:  # a checkpoint from before data identities: only its tokenizer can be compared
+        log.warning("checkpoint %s does not record its training data: the data source cannot be checked", ckpt_path)
+        saved = record.get("tokenizer_json")
+        if saved is not None:
+            ours["data.tokenizer.sha256"] = data["tokenizer"]["sha256"]
+            theirs["data.tokenizer.sha256"] = hashlib.sha256(saved.encode()).hexdigest()
+    diff = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {ckpt_path} was trained with a different model ({detail})")
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
+        raise ConfigError(
+            f"cannot resume from {ckpt_path}: it was trained with other settings ({detail}). Resume with the "
+            f"checkpoint's settings, or start a new run without ckpt_path"
+        )
+    return int(record.get("global_step", 0))
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback]) -> L.Trainer:
-    """Instantiate `cfg.trainer` with the run directory's checkpointing and CSV metrics."""
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:07d}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        save_top_k=-1 if cfg.checkpoint.keep_all else 1,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-    )
-    logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback], resume_step: int = 0) -> L.Trainer:
+    """Instantiate `cfg.trainer` with the run directory's checkpointing and CSV metrics (rows before `resume_step`
+    kept from the run being resumed)."""
+    ckpt = RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_train_steps, cfg.checkpoint.keep_all)
+    logger = RunCSVLogger(run_dir, resume_step)
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) and strategy in ("auto", "ddp") else None
     return hydra.utils.instantiate(
@@ -105,38 +155,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback
     )
 
 
-def check_run_dir(run_dir: Path, cfg: DictConfig) -> list[dict[str, str]]:
-    """Refuse to start a fresh run over a finished or checkpointed one; when resuming in place,
-    return the metric rows already logged there (Lightning's CSV logger would delete them)."""
-    checkpoints = run_dir / "checkpoints"
-    occupied = (run_dir / "summary.json").is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
-    if occupied and not cfg.ckpt_path and not cfg.get("overwrite", False):
-        raise ConfigError(
-            f"{run_dir} already holds a run: resume it with ckpt_path={checkpoints / 'last.ckpt'}, "
-            f"choose another hydra.run.dir, or pass overwrite=true"
-        )
-    metrics = run_dir / "metrics.csv"
-    if not cfg.ckpt_path or not metrics.is_file():
-        return []
-    with open(metrics, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def merge_metrics(run_dir: Path, earlier: list[dict[str, str]]) -> None:
-    """Put the rows logged before a resume back in front of the resumed run's rows."""
-    path = run_dir / "metrics.csv"
-    if not earlier or not path.is_file():
-        return
-    with open(path, newline="") as f:
-        later = list(csv.DictReader(f))
-    first = min((int(r["step"]) for r in later if r.get("step")), default=None)
-    kept = [r for r in earlier if first is None or (r.get("step") and int(r["step"]) < first)]
-    fields = list(dict.fromkeys([*(later[0].keys() if later else []), *(kept[0].keys() if kept else [])]))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(kept + later)
-    atomic_write_text(path, out.getvalue())
+def fit(trainer: L.Trainer, module: LMModule, datamodule: Any, ckpt_path: str | None, last: Path) -> None:
+    """`trainer.fit`; on SIGTERM or SIGINT, Lightning finishes the step and saves a checkpoint (RunCheckpoint), then
+    this raises TrainingInterrupted, so the run never looks finished."""
+    with stop_on_signals() as received:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            received.append(signal.SIGTERM)  # another rank's SIGTERM, broadcast by Lightning
+    if received:
+        raise TrainingInterrupted(received[0], trainer.global_step, last)
 
 
 def tokens_per_step(cfg: DictConfig) -> int:
@@ -191,6 +219,7 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, ModelConfig, budget.DataBudget]:
     """Build the data module and the model config, fix the step count, and check how often the run reads
     its data. `data.source.docs_per_entity=auto` first measures tokens per document on a pilot corpus,
     then grows the facts corpus so the run reads it at most once."""
+    check_seq_len(cfg.data.seq_len, cfg.model.max_seq_len)  # before any data is prepared
     auto = budget.is_auto(cfg.data)
     if auto:
         if cfg.get("train_epochs") is not None:
@@ -260,27 +289,26 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model_cfg, plan = prepare_data(cfg)
-    if cfg.ckpt_path:
-        check_resume(cfg.ckpt_path, model_cfg)
-    earlier_metrics = check_run_dir(run_dir, cfg)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    data = data_identity(cfg, datamodule)
+    resume_step = check_resume(cfg.ckpt_path, model_cfg, optim, data) if cfg.ckpt_path else 0
+    if is_rank_zero():
+        claim_run_dir(run_dir, cfg)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
 
     module = LMModule(
         model=model_cfg,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        optim=optim,
         parallel=OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg else {},
     )
     module.tokenizer_json = datamodule.tokenizer.to_str()
+    module.data_identity = data
     timer = TrainTimer()
-    trainer = build_trainer(cfg, run_dir, [timer, *(callbacks(datamodule) if callbacks else [])])
+    trainer = build_trainer(cfg, run_dir, [timer, *(callbacks(datamodule) if callbacks else [])], resume_step)
     stats = module.stats()
     log.info("variant %s: %s", model_cfg.variant, stats)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    finally:
-        if trainer.is_global_zero:
-            merge_metrics(run_dir, earlier_metrics)
+    fit(trainer, module, datamodule, cfg.ckpt_path, run_dir / "checkpoints" / "last.ckpt")
     if timer.validated_at == trainer.global_step and "val/loss" in trainer.callback_metrics:
         val = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the final weights were just validated
     else:

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from project import hub
+from project.config import ConfigError
 from project.data.sampler import ResumableShuffleSampler
 from project.data import (
     DatasetUnavailableError,
@@ -319,6 +320,38 @@ def test_empty_files(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "no_col.parquet")
     with pytest.raises(ValueError, match=r"no_col\.parquet.*'text'"):
         list(TextSource(str(tmp_path / "no_col.parquet")).documents("train"))
+
+
+def test_jsonl_records_without_the_text_field_are_counted_not_dropped_silently(tmp_path: Path, caplog) -> None:
+    """Item 13: 150 of 300 records lack the field: a warning names the file and the count (once, not per pass)."""
+    records = [{"text": f"document {i}"} if i % 2 else {"body": f"elsewhere {i}"} for i in range(300)]
+    (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = TextSource(str(tmp_path / "half.jsonl"))
+    assert len(list(source.documents("train"))) + len(list(source.documents("val"))) == 150
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "half.jsonl" in warnings[0]
+    assert "150 of 300 records have no 'text' field" in warnings[0] and "data.source.text_field" in warnings[0]
+    (tmp_path / "none.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n{"text": null}\n')
+    with pytest.raises(ConfigError, match=r"none\.jsonl: none of its 3 records has a 'text' field.*body"):
+        list(TextSource(str(tmp_path / "none.jsonl")).documents("train"))
+
+
+def test_smoke_experiment_composes_with_every_data_source(make_cfg, tmp_path: Path) -> None:
+    """Item 10: the smoke experiment shrinks the facts corpus only for the facts source; data=text needs paths."""
+    import hydra
+
+    from project.data import DocstringSource
+
+    facts = hydra.utils.instantiate(make_cfg().data)
+    assert isinstance(facts.source, FactsSource) and facts.source.num_entities == 40
+    write_corpus(tmp_path / "corpus")
+    text = hydra.utils.instantiate(make_cfg("data=text", f"data.source.paths=[{tmp_path / 'corpus'}]").data)
+    assert isinstance(text.source, TextSource) and text.seq_len == 32
+    assert isinstance(hydra.utils.instantiate(make_cfg("data=hf").data).source, HFSource)
+    assert isinstance(hydra.utils.instantiate(make_cfg("data=docstrings").data).source, DocstringSource)
+    with pytest.raises(Exception, match=r"data=text needs data\.source\.paths") as err:
+        hydra.utils.instantiate(make_cfg("data=text").data)
+    assert isinstance(err.value.__cause__ or err.value, ConfigError)
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from conftest import offline_env
 from project.checkpoint import consolidate, is_sharded_checkpoint, load_model
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

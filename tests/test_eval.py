@@ -372,6 +372,26 @@ def test_a_missing_benchmark_is_recorded_while_the_others_score(checkpoint, qa_p
     assert no_qa["facts_qa"]["status"] == "unavailable" and "QA file" in no_qa["facts_qa"]["reason"]
 
 
+def test_a_benchmark_failing_while_scoring_keeps_the_others(checkpoint, qa_path, data_dir, tmp_path):
+    """Item 7: 25 shots drawn from ARC's 4-row train split fail inside lm-eval; the error names the task
+    and the shot count, and the benchmarks scored around it are kept (and written, even when strict)."""
+    cfg = {"benchmarks": ["arc_easy", "facts_qa"], "num_fewshot": {"arc_easy": 25, "facts_qa": 0}, "limit": 2,
+           "offline": True, "data_dir": str(data_dir), "batch_size": 4}  # fmt: skip
+    summary = evaluate_checkpoint(checkpoint, cfg, tmp_path / "lenient", qa_path=qa_path)
+    assert summary["facts_qa"]["status"] == "ok"
+    failed = summary["arc_easy"]
+    assert failed["status"] == "error" and failed["task"] == "arc_easy" and failed["num_fewshot"] == 25
+    assert "arc_easy" in failed["reason"] and "25-shot" in failed["reason"]
+    assert "Sample larger than population" in failed["reason"] and "eval.num_fewshot" in failed["reason"]
+
+    with pytest.raises(RuntimeError, match=r"arc_easy \(task arc_easy, 25-shot\)") as err:
+        evaluate_checkpoint(checkpoint, {**cfg, "strict": True}, tmp_path / "strict", qa_path=qa_path)
+    assert isinstance(err.value, benchmarks.BenchmarkFailed)
+    record = json.loads((tmp_path / "strict" / "eval.json").read_text())
+    assert record["benchmarks"]["facts_qa"]["status"] == "ok"  # scored after the failure, and written
+    assert record["summary"]["arc_easy"]["status"] == "error"
+
+
 def test_disabled_and_unknown_settings(checkpoint, tmp_path):
     assert evaluate_checkpoint(checkpoint, {"enabled": False}, tmp_path) == {}
     with pytest.raises(ValueError, match="unknown eval settings"):

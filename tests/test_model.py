@@ -200,6 +200,47 @@ def test_boundary_rejects_out_of_range_ids_even_when_called_directly():
         kernels.jtok_m_mix(torch.tensor([-1]), torch.randn(2, 5, 4), torch.tensor([[0]]), torch.ones(1, 1), torch.ones(4), 1.0, 1e-6)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ffn_hidden=-64), r"model\.ffn_hidden must be a positive integer or null.*-64"),
+        (dict(ffn_hidden=0), r"model\.ffn_hidden must be a positive integer or null \(null = "),
+        (dict(n_kv_heads=-2), r"model\.n_kv_heads must be a positive integer or null.*-2"),
+        (dict(n_kv_heads=0), r"model\.n_kv_heads must be a positive integer or null"),
+        (dict(variant="moe", expert_hidden=-8), r"model\.expert_hidden must be a positive integer or null.*-8"),
+        (dict(variant="moe", expert_hidden=0), r"model\.expert_hidden must be a positive integer or null"),
+        (dict(init_std=-0.02), r"model\.init_std must be > 0, got -0\.02"),
+        (dict(norm_eps=-1e-5), r"model\.norm_eps must be > 0"),
+        (dict(norm_eps=0.0), r"model\.norm_eps must be > 0"),
+        (dict(variant="jtok", table_init_std=-1.0), r"model\.table_init_std must be >= 0"),
+        (dict(variant="moe", moe_aux_loss_coef=-0.1), r"model\.moe_aux_loss_coef must be >= 0"),
+    ],
+)
+def test_negative_or_zero_sizes_are_refused_not_taken_as_defaults(overrides, message):
+    """Item 9: 0 no longer silently means "default" (null does), negatives fail before torch sees them."""
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**TINY, **overrides})
+    ModelConfig.from_dict({**TINY, "ffn_hidden": None, "n_kv_heads": None, "expert_hidden": None})  # null = default
+
+
+def test_data_windows_longer_than_the_model_context_are_refused():
+    from project.config import check_seq_len
+
+    check_seq_len(16, 16)
+    with pytest.raises(ConfigError, match=r"data\.seq_len=17 is longer than model\.max_seq_len=16"):
+        check_seq_len(17, 16)
+
+
+def test_seq_len_beyond_the_context_fails_before_any_data_work(make_cfg, tmp_path):
+    from project import pipeline
+
+    cfg = make_cfg("data.seq_len=64", "model.max_seq_len=32")
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"data\.seq_len=64 is longer than model\.max_seq_len=32"):
+        pipeline.prepare_data(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_sequence_longer_than_the_context_is_rejected():
     with pytest.raises(ValueError, match="max_seq_len=16"):
         tiny("baseline")(torch.zeros(1, 17, dtype=torch.long))

@@ -97,6 +97,27 @@ def test_flops_come_from_logged_train_tokens(runs):
     assert points[-1][2] == pytest.approx(3100 * 1100)  # past the last logged step: the last value
 
 
+def test_corrupt_or_incomplete_summaries_are_skipped_with_a_warning(runs, tmp_path, caplog):
+    """Item 11: a truncated summary.json and one missing required keys are named and skipped, not fatal or blank."""
+    sweep = runs / "multirun_2026"
+    (sweep / "9_broken").mkdir()
+    (sweep / "9_broken" / "summary.json").write_text('{"variant": "jtok", "seed": 0, "val_lo')
+    (sweep / "8_partial").mkdir()
+    (sweep / "8_partial" / "summary.json").write_text(json.dumps({"variant": "jtok", "eval": {}}))
+    (sweep / "7_list").mkdir()
+    (sweep / "7_list" / "summary.json").write_text("[1, 2]")
+    report = build_report([str(sweep)], tmp_path / "out")
+    assert report["runs"] == 5 and all(r["variant"] for r in report["rows"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    broken = next(w for w in warnings if "9_broken" in w)
+    assert "summary.json" in broken and "not valid JSON" in broken
+    partial = next(w for w in warnings if "8_partial" in w)
+    assert "seed" in partial and "val_loss" in partial and "missing" in partial
+    assert any("7_list" in w and "not a JSON object" in w for w in warnings)
+    with pytest.raises(FileNotFoundError, match="no usable runs.*9_broken"):
+        build_report([str(sweep / "9_broken")], tmp_path / "out2")
+
+
 def test_no_matching_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs found"):
         build_report([str(tmp_path / "nothing-*")], tmp_path / "out")

@@ -11,6 +11,8 @@ import pytest
 
 from benchmark_fixtures import write_benchmark_fixtures
 from conftest import offline_env, run_py
+from project.config import ConfigError
+from stages import evaluate
 BENCHMARKS = ("facts_qa", "facts_qa_heldout", "facts_qa_train", "mmlu", "arc_easy", "arc_challenge", "ceval")
 
 
@@ -72,7 +74,13 @@ def test_stage_eval_refuses_an_unreadable_checkpoint(env, tmp_path):
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"\x00garbage")
     proc = run_py(env, "stage=eval", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'x'}", check=False)
-    assert proc.returncode != 0 and "broken.ckpt is not a readable PyTorch checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "broken.ckpt is not a readable PyTorch checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a user error: one message, no traceback
+
+
+def test_stage_eval_with_eval_disabled_is_a_user_error_not_a_silent_success(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="stage=eval with eval.enabled=false has nothing to do"):
+        evaluate(make_cfg("stage=eval", f"ckpt_path={tmp_path / 'any.ckpt'}", "eval.enabled=false"))
 
 
 def test_four_variant_multirun_then_report(env, tmp_path):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from project.config import ConfigError
 from project.data.source import check_fraction, check_split
 
 DEFAULT_PACKAGES = ("torch", "numpy", "scipy", "matplotlib", "pyarrow", "lightning", "datasets", "lm_eval", "torchmetrics")
@@ -31,9 +32,9 @@ class DocstringSource:
         check_fraction(val_fraction)
         self.packages = list(packages)
         if not self.packages:
-            raise ValueError("DocstringSource needs at least one package (data.source.packages=[...])")
+            raise ConfigError("DocstringSource needs at least one package (data.source.packages=[...])")
         if min_chars < 1:
-            raise ValueError(f"min_chars must be >= 1, got {min_chars}")
+            raise ConfigError(f"data.source.min_chars must be >= 1, got {min_chars}")
         self.min_chars = min_chars
         self.val_fraction = val_fraction
         self.roots = {name: package_root(name) for name in self.packages}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from project.config import ConfigError
 from project.data.source import check_split
 
 ATTRIBUTES = ("birth_year", "city", "field", "employer", "instrument")
@@ -145,21 +146,21 @@ class FactsSource:
     ) -> None:
         max_templates = min(len(t) for t in TEMPLATES.values())
         if not isinstance(docs_per_entity, int):
-            raise ValueError(
+            raise ConfigError(
                 f"docs_per_entity must be an integer, got {docs_per_entity!r} ('auto' is resolved by the train stage, "
                 "which sizes the corpus to the run)"
             )
         if num_entities < 1 or docs_per_entity < 1:
-            raise ValueError(f"num_entities and docs_per_entity must be >= 1, got {num_entities}, {docs_per_entity}")
+            raise ConfigError(f"num_entities and docs_per_entity must be >= 1, got {num_entities}, {docs_per_entity}")
         if not 1 <= templates_per_attribute <= max_templates:
-            raise ValueError(f"templates_per_attribute must be in [1, {max_templates}], got {templates_per_attribute}")
+            raise ConfigError(f"templates_per_attribute must be in [1, {max_templates}], got {templates_per_attribute}")
         if not 0 <= heldout_templates < templates_per_attribute:
-            raise ValueError(
+            raise ConfigError(
                 f"heldout_templates must be in [0, templates_per_attribute={templates_per_attribute}), "
                 f"got {heldout_templates}"
             )
         if qa_templates < 1:
-            raise ValueError(f"qa_templates must be >= 1, got {qa_templates}")
+            raise ConfigError(f"qa_templates must be >= 1, got {qa_templates}")
         self.num_entities = num_entities
         self.templates_per_attribute = templates_per_attribute
         self.heldout_templates = heldout_templates

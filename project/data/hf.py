@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from project.config import ConfigError, UserError
 from project.data.source import check_fraction, check_split, tail_split, val_count
 from project.hub import ensure_hub_mode
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """The dataset is neither reachable on the Hub nor in the local Hugging Face cache."""
 
 
@@ -31,9 +32,9 @@ class HFSource:
     ) -> None:
         check_fraction(val_fraction)
         if streaming and max_documents is None:
-            raise ValueError("HFSource(streaming=True) needs max_documents (a stream has no known length)")
+            raise ConfigError("HFSource(streaming=True) needs max_documents (a stream has no known length)")
         if max_documents is not None and max_documents < 2:
-            raise ValueError(f"max_documents must be >= 2, got {max_documents}")
+            raise ConfigError(f"data.source.max_documents must be >= 2, got {max_documents}")
         self.name = name
         self.config = config
         self.split = split
@@ -68,7 +69,7 @@ class HFSource:
     def _texts(self, dataset: Any) -> Iterator[str]:
         for record in dataset:
             if self.text_field not in record:
-                raise ValueError(f"dataset {self.label}: no field {self.text_field!r} (fields: {sorted(record)})")
+                raise ConfigError(f"dataset {self.label}: no field {self.text_field!r} (fields: {sorted(record)})")
             yield record[self.text_field] or ""
 
     def _load(self) -> Any:

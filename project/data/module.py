@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Subset
 
+from project.config import ConfigError
 from project.data import cache
 from project.data.sampler import ResumableShuffleSampler
 from project.data.source import Source
@@ -38,7 +39,7 @@ class TokenDataModule(L.LightningDataModule):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_batch_size", val_batch_size),
                             ("max_val_batches", max_val_batches)):  # fmt: skip
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
         self.source = source
         self.tokenizer_settings = TokenizerSettings.from_config(tokenizer)
         self.seq_len = seq_len
@@ -64,7 +65,7 @@ class TokenDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset = self._windows("train", None)
             if len(self.train_dataset) < self.batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"the train split has {len(self.train_dataset)} windows of seq_len={self.seq_len}, "
                     f"fewer than batch_size={self.batch_size}"
                 )
@@ -93,7 +94,7 @@ class TokenDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         usable = len(self.val_dataset) // world * world
         if usable == 0:
-            raise ValueError(f"the val split has {len(self.val_dataset)} windows, fewer than {world} ranks")
+            raise ConfigError(f"the val split has {len(self.val_dataset)} windows, fewer than {world} ranks")
         subset = Subset(self.val_dataset, range(rank, usable, world))
         return self._loader(subset, self.val_batch_size, shuffle=False, drop_last=False)
 

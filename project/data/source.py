@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from project.config import ConfigError, UserError
+
 SPLITS = ("train", "val")
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data file or tokenizer named in the settings does not exist."""
 
 
 @runtime_checkable
@@ -26,13 +32,13 @@ def check_split(split: str) -> None:
 
 def check_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"data.source.val_fraction must be in (0, 1), got {val_fraction}")
 
 
 def val_count(num_documents: int, val_fraction: float, what: str) -> int:
     """Number of trailing documents that form the validation split (at least one, never all)."""
     if num_documents < 2:
-        raise ValueError(f"{what}: found {num_documents} document(s); a train/val split needs at least 2")
+        raise ConfigError(f"{what}: found {num_documents} document(s); a train/val split needs at least 2")
     return min(num_documents - 1, max(1, round(num_documents * val_fraction)))
 
 

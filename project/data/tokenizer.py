@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from project.config import ConfigError
+from project.data.source import MissingDataError
+
 EOS = "<|endoftext|>"
+MAX_PIECE_CHARS = 2**18  # longer documents are tokenized in pieces: ~140 bytes of working memory per character
+_RUN_START = re.compile(r"(?<=\S)\s")  # the first whitespace character after a word
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,10 @@ class TokenizerSettings:
         if settings.path is not None:
             path = Path(settings.path).expanduser().absolute()
             if not path.is_file():
-                raise FileNotFoundError(f"tokenizer.path {settings.path!r} does not exist (resolved to {path})")
+                raise MissingDataError(f"data.tokenizer.path {settings.path!r} does not exist (resolved to {path})")
             settings = cls(settings.vocab_size, str(path), settings.min_frequency)
         elif settings.vocab_size < 1 or settings.min_frequency < 1:
-            raise ValueError(f"vocab_size and min_frequency must be >= 1, got {settings}")
+            raise ConfigError(f"data.tokenizer vocab_size and min_frequency must be >= 1, got {settings}")
         return settings
 
     def describe(self) -> dict[str, Any]:
@@ -59,11 +65,38 @@ def train_tokenizer(documents: Iterator[str], vocab_size: int, min_frequency: in
     return tokenizer
 
 
+def pieces(document: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """`document` in consecutive pieces of at most `max_chars` characters, each cut where a whitespace run starts.
+
+    The byte-level BPE trained here never merges across such a cut (no pre-token holds a non-space followed by
+    whitespace), so the pieces' ids joined are the document's ids. A stretch without whitespace is cut anywhere."""
+    start = 0
+    while len(document) - start > max_chars:
+        cut = _cut(document, start, max_chars)
+        yield document[start:cut]
+        start = cut
+    yield document[start:]
+
+
+def _cut(document: str, start: int, max_chars: int) -> int:
+    """The end of the piece from `start`: the last whitespace-run start in its second half, else its full length."""
+    cut = start + max_chars
+    for match in _RUN_START.finditer(document, start + max_chars // 2, start + max_chars):
+        cut = match.start()
+    return cut
+
+
+def document_pieces(documents: Iterable[str], max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """Every document's pieces in order (what the tokenizer trainer reads: the same pre-tokens, bounded memory)."""
+    for document in documents:
+        yield from pieces(document, max_chars)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: cannot load as a Hugging Face tokenizer.json: {e}") from e
+        raise ConfigError(f"{path}: cannot load as a Hugging Face tokenizer.json: {e}") from e
     eos_id(tokenizer, path)
     return tokenizer
 
@@ -71,5 +104,5 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def eos_id(tokenizer: Tokenizer, where: str | Path = "tokenizer") -> int:
     token_id = tokenizer.token_to_id(EOS)
     if token_id is None:
-        raise ValueError(f"{where}: the vocabulary has no {EOS!r} token, which jtok uses as end of document")
+        raise ConfigError(f"{where}: the vocabulary has no {EOS!r} token, which jtok uses as end of document")
     return token_id

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from project.config import ConfigError
+
 
 def window_count(num_tokens: int, seq_len: int) -> int:
     """Whole (input, target) windows in `num_tokens` tokens: consecutive windows share one token."""
@@ -20,7 +22,7 @@ class TokenWindows(Dataset[torch.Tensor]):
 
     def __init__(self, path: Path, dtype: str, num_tokens: int, seq_len: int, max_windows: int | None = None):
         if num_tokens < seq_len + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{path.name} has {num_tokens} tokens; seq_len={seq_len} needs at least {seq_len + 1} "
                 "(use a smaller data.seq_len or more data)"
             )
