@@ -56,6 +56,7 @@ def test_three_seeds_of_baseline_and_jtok_then_report(env, tmp_path):
     assert "## Iso-FLOP" not in printed and "## Scaling" not in printed  # no budgets, no JTok-M pool sweep
 
 
+@pytest.mark.slow  # a 16-run sweep: minutes on 2 cores
 def test_tiny_isoflop_sweep_reports_a_compute_saving_with_an_interval(env, tmp_path):
     sweep = tmp_path / "isoflop"
     run_py(env, "-m", "experiment=isoflop_tiny", f"hydra.sweep.dir={sweep}")
@@ -83,6 +84,7 @@ def test_tiny_isoflop_sweep_reports_a_compute_saving_with_an_interval(env, tmp_p
     assert (out / "isoflop_optima.csv").is_file() and (out / "isoflop_savings.csv").is_file()
 
 
+@pytest.mark.slow  # a 12-run sweep
 def test_tiny_scale_tables_sweep_reports_a_slope_per_doubling_with_an_interval(env, tmp_path):
     sweep = tmp_path / "scale"
     run_py(env, "-m", "experiment=scale_tables_tiny", f"hydra.sweep.dir={sweep}")
