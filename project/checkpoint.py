@@ -111,8 +111,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        checkpoint = read_checkpoint(path, map_location=map_location or "cpu", jtok_only=False)
-        return checkpoint
+        return read_checkpoint(path, map_location=map_location or "cpu", jtok_only=False)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

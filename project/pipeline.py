@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from project.accounting import flops_per_token
 from project.config import ConfigError, ModelConfig, check_seq_len
 from project.data import budget
-from project.checkpoint import AtomicCheckpointIO, read_checkpoint, single_file_checkpoint
+from project.checkpoint import AtomicCheckpointIO, is_sharded_checkpoint, read_checkpoint, single_file_checkpoint
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
 from project.run_dir import (
@@ -80,10 +80,14 @@ def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict(settings)
 
 
-def data_identity(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+def tokenizer_sha256(tokenizer_json: str) -> str:
+    """A tokenizer's identity by content: the same tokenizer read from another path is the same."""
+    return hashlib.sha256(tokenizer_json.encode()).hexdigest()
+
+
+def data_identity(cfg: DictConfig, datamodule: Any, tokenizer_json: str) -> dict[str, Any]:
     """What a checkpoint records of its training data, checked on resume: the source's settings, how it is cut into
-    windows and batches, and the tokenizer (by content: the same tokenizer read from another path is the same)."""
-    tokenizer_json = datamodule.tokenizer.to_str()
+    windows and batches, and the tokenizer (`tokenizer_json`, its serialised form, compared by content)."""
     return {
         "source": {"kind": datamodule.meta.get("kind"), **(datamodule.meta.get("source") or {})},
         "seq_len": int(cfg.data.seq_len),
@@ -91,7 +95,7 @@ def data_identity(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         "seed": cfg.data.get("seed"),
         "tokenizer": {
             "vocab_size": int(datamodule.tokenizer.get_vocab_size()),
-            "sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+            "sha256": tokenizer_sha256(tokenizer_json),
         },
     }
 
@@ -110,10 +114,9 @@ def resume_record(ckpt_path: str) -> dict[str, Any]:
     """Everything but the tensors of the checkpoint to resume from (verified: read_checkpoint checks its checksum)."""
     path = Path(ckpt_path)
     if path.is_dir():  # a sharded checkpoint: its meta.pt holds the same record (the strategy reads the shards)
-        meta = path / "meta.pt"
-        if not meta.is_file():
+        if not is_sharded_checkpoint(path):
             raise ConfigError(f"ckpt_path={ckpt_path} is a folder but not a sharded checkpoint (no meta.pt inside)")
-        return torch.load(meta, map_location="cpu", weights_only=False)
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     return read_checkpoint(path)
 
 
@@ -132,7 +135,7 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
         saved = record.get("tokenizer_json")
         if saved is not None:
             ours["data.tokenizer.sha256"] = data["tokenizer"]["sha256"]
-            theirs["data.tokenizer.sha256"] = hashlib.sha256(saved.encode()).hexdigest()
+            theirs["data.tokenizer.sha256"] = tokenizer_sha256(saved)
     diff = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
     if diff:
         detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
@@ -290,19 +293,20 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
 
     datamodule, model_cfg, plan = prepare_data(cfg)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    data = data_identity(cfg, datamodule)
+    tokenizer_json = datamodule.tokenizer.to_str()
+    data = data_identity(cfg, datamodule, tokenizer_json)
     resume_step = check_resume(cfg.ckpt_path, model_cfg, optim, data) if cfg.ckpt_path else 0
     if is_rank_zero():
         claim_run_dir(run_dir, cfg)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_text(run_dir / "tokenizer.json", datamodule.tokenizer.to_str())
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer_json)
 
     module = LMModule(
         model=model_cfg,
         optim=optim,
         parallel=OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg else {},
     )
-    module.tokenizer_json = datamodule.tokenizer.to_str()
+    module.tokenizer_json = tokenizer_json
     module.data_identity = data
     timer = TrainTimer()
     trainer = build_trainer(cfg, run_dir, [timer, *(callbacks(datamodule) if callbacks else [])], resume_step)
