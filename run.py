@@ -1,6 +1,6 @@
 """Entry point: `python run.py model=jtok_m` trains, validates and evaluates one variant;
-`python run.py -m model=baseline,jtok,jtok_m,moe` sweeps them; `stage=eval` / `stage=report`
-run a single stage. See README.md.
+`python run.py -m model=baseline,jtok,jtok_m,moe` sweeps them; `stage=eval` / `stage=report` /
+`stage=generate` run a single stage. See README.md.
 
 Exit status: 0 done; 2 a user error (one message on stderr, no traceback: `project.config.UserError`);
 128 + signal number when SIGTERM (143) or SIGINT (130) stopped training after saving a resumable checkpoint;
@@ -60,6 +60,8 @@ def run_stage(cfg: DictConfig):
     if cfg.stage == "eval":
         overrides = HydraConfig.get().overrides.task
         stages.evaluate(cfg, explicit_benchmarks=any(o.startswith("eval.benchmarks") for o in overrides))
+    elif cfg.stage == "generate":
+        stages.generate(cfg)
     else:
         stages.report(cfg)
 

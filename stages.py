@@ -17,9 +17,9 @@ from eval.stage import evaluate_checkpoint
 from project import pipeline
 from project.checkpoint import MissingCheckpointError, read_checkpoint, single_file_checkpoint
 from project.config import ConfigError
-from project.io import atomic_write_json
+from project.io import atomic_write_json, atomic_write_text
 
-STAGES = ("train", "eval", "report")
+STAGES = ("train", "eval", "report", "generate")
 
 
 def probe_callbacks(cfg: DictConfig):
@@ -97,3 +97,74 @@ def report(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("stage=report needs runs=GLOB (e.g. runs='runs/multirun_*') or a list of run folders")
     globs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     return build_report(globs, cfg.report_dir or cfg.run_dir)
+
+
+def generate(cfg: DictConfig) -> list[dict[str, str]]:
+    """`stage=generate ckpt_path=... prompt=...` (or `generate.prompts_file=...`): continue prompts with the
+    checkpoint's model, streaming a single prompt to the terminal; all results go to generations.jsonl."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from eval.adapter import resolve_device
+    from project.checkpoint import load_model
+    from project.data.tokenizer import EOS
+    from project.generate import HostTables, SamplingSettings, generate_text
+
+    g = cfg.generate
+    if not cfg.ckpt_path:
+        raise ConfigError("stage=generate needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
+    prompts = read_prompts(cfg.prompt, g.prompts_file)
+    settings = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                                top_p=g.top_p, seed=g.seed)  # fmt: skip
+    if g.batch_size < 1:
+        raise ConfigError(f"generate.batch_size must be >= 1, got {g.batch_size}")
+    source = Path(cfg.ckpt_path).resolve()
+    if not source.exists():
+        raise MissingCheckpointError(f"checkpoint {source} does not exist")
+    device = resolve_device(g.device)
+    loaded = load_model(single_file_checkpoint(source), "cpu" if g.host_tables else device)
+    host = HostTables(loaded.model, device) if g.host_tables else None
+    eos = loaded.tokenizer.token_to_id(EOS)
+
+    def show(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stream = len(prompts) == 1
+    texts: list[str] = []
+    for start in tqdm(range(0, len(prompts), g.batch_size), desc="generate", disable=stream):
+        batch = prompts[start : start + g.batch_size]
+        texts += generate_text(loaded.model, loaded.tokenizer, batch, settings, eos, list(g.stop),
+                               on_text=show if stream else None, host_tables=host)  # fmt: skip
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"--- {prompt}\n{text}")
+    records = [{"prompt": p, "generation": t} for p, t in zip(prompts, texts, strict=True)]
+    out = Path(cfg.run_dir).resolve() / "generations.jsonl"
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """The prompts of stage=generate: `prompt`, or the lines (.txt) / "prompt" fields (.jsonl) of a file."""
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError('stage=generate needs exactly one of prompt="..." or generate.prompts_file=PATH')
+    if prompt is not None:
+        return [str(prompt)]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"generate.prompts_file={path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(line)["prompt"] for line in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: every line must be a JSON object with a \"prompt\" ({exc})") from exc
+    else:
+        prompts = lines
+    if not prompts:
+        raise ConfigError(f"generate.prompts_file={path} holds no prompts")
+    return [str(p) for p in prompts]

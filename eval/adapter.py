@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from project.checkpoint import LoadedModel, load_model
 from project.data.tokenizer import EOS
+from project.generate import SamplingSettings, generate_text
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class JTokLM(TemplateLM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, stopped at the first `until` string, EOS or `max_gen_toks` new tokens."""
+        """Continuations decoded with the KV cache (greedy, or sampled when `do_sample` with `temperature`,
+        `top_k`, `top_p`, `seed`), stopped at the first `until` string, EOS or `max_gen_toks` new tokens."""
         collator = Collator(
             [req.args for req in requests],
             sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
@@ -227,37 +229,40 @@ class JTokLM(TemplateLM):
         results: list[str] = []
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="jtok generate_until")
         for chunk in collator.get_batched(n=self.batch_size):
-            contexts = [context for context, _ in chunk]
             settings = normalize_gen_kwargs(chunk[0][1], default_max_gen_toks=self.max_gen_toks)
-            if settings.get("do_sample"):
-                log.warning("jtok model: sampling is not supported; decoding greedily")
             until = handle_stop_sequences(settings.get("until"), eos=EOS)
-            for (context, gen_kwargs), text in zip(chunk, self._greedy(contexts, until, settings["max_gen_toks"])):
+            sampling = self._sampling(settings)
+            texts = generate_text(
+                self.model, self.tokenizer, [context for context, _ in chunk], sampling, self._eot_id, until,
+                prompt_ids=[self._prompt(context, sampling.max_new_tokens) for context, _ in chunk],
+            )
+            for (context, gen_kwargs), text in zip(chunk, texts, strict=True):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 pbar.update(1)
         pbar.close()
         return collator.get_original(results)
 
-    def _greedy(self, contexts: list[str], until: list[str], max_new_tokens: int) -> list[str]:
-        """Decode a batch greedily; each step feeds every unfinished sequence's last max_length tokens."""
-        sequences = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
-        starts = [len(seq) for seq in sequences]
-        done = [max_new_tokens <= 0] * len(sequences)
-        for _ in range(max_new_tokens):
-            active = [i for i, finished in enumerate(done) if not finished]
-            if not active:
-                break
-            logprobs = self._logprobs([sequences[i][-self.max_length :] for i in active], [1] * len(active))
-            for i, lp in zip(active, logprobs, strict=True):
-                token = int(lp[-1].argmax())
-                sequences[i].append(token)
-                text = self.tok_decode(sequences[i][starts[i] :])
-                done[i] = token == self._eot_id or any(stop and stop in text for stop in until)
-        return [
-            postprocess_generated_text(self.tok_decode(seq[start:]), until, None)
-            for seq, start in zip(sequences, starts, strict=True)
-        ]
+    def _sampling(self, settings: dict[str, Any]) -> SamplingSettings:
+        """lm-eval's normalised generation kwargs as our settings (temperature 0 when not sampling)."""
+        max_new = min(int(settings["max_gen_toks"]), self.max_length - 1)
+        if not settings.get("do_sample"):
+            return SamplingSettings(max_new_tokens=max_new)
+        ignored = sorted(set(settings) - {"do_sample", "until", "max_gen_toks", "temperature", "top_k", "top_p", "seed"})
+        if ignored:
+            log.warning("jtok model: ignoring generation settings %s", ignored)
+        return SamplingSettings(
+            max_new_tokens=max_new,
+            temperature=float(settings.get("temperature", 1.0)),  # 0 = greedy
+            top_k=settings.get("top_k"),
+            top_p=settings.get("top_p"),
+            seed=settings.get("seed"),
+        )
+
+    def _prompt(self, context: str, max_new_tokens: int) -> list[int]:
+        """The context's tokens, left-truncated so that they and the new tokens fit the model's context."""
+        ids = self.tok_encode(context) or [self.prefix_token_id]
+        return ids[-(self.max_length - max_new_tokens) :]
 
     # ------------------------------------------------------------------ batch size
 

@@ -49,6 +49,66 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor)
     return rotated.to(x_BHTd.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer for a batch being decoded, preallocated to `max_len` positions.
+
+    Rows may hold padding (`valid_BT` False), e.g. left-padded prompts of different lengths: padding
+    is never attended to and does not advance a row's positions, so each row decodes exactly as it
+    would alone."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions is longer than model.max_seq_len={cfg.max_seq_len}")
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid_BS = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.seen_B = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens so far per row
+        self.length = 0  # positions filled (real or padding), the same for every row
+        self.mask_B1TS: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BS.shape[1]
+
+    def begin(self, valid_BT: torch.Tensor) -> torch.Tensor:
+        """Admit T new positions; return each new token's rotary position [B, T]."""
+        B, T = valid_BT.shape
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {end} were asked for")
+        self.valid_BS[:, start:end] = valid_BT
+        pos_BT = (self.seen_B[:, None] + valid_BT.long().cumsum(1) - 1).clamp(min=0)
+        self.seen_B += valid_BT.sum(1)
+        # Query i sees the real keys up to its own position, and itself (so a padding query never sees
+        # nothing, which would make its softmax NaN).
+        q_pos = torch.arange(start, end, device=valid_BT.device)[:, None]
+        k_pos = torch.arange(end, device=valid_BT.device)[None, :]
+        allowed_TS = (k_pos <= q_pos)
+        self.mask_B1TS = ((allowed_TS & self.valid_BS[:, None, :end]) | (k_pos == q_pos))[:, None]
+        return pos_BT
+
+    def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys and values for `layer`; return all of them so far."""
+        end = self.length + k_BHTd.shape[2]
+        self.k[layer][:, :, self.length : end] = k_BHTd
+        self.v[layer][:, :, self.length : end] = v_BHTd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def end(self, steps: int) -> None:
+        """Close the step begun by `begin`."""
+        self.length += steps
+        self.mask_B1TS = None
+
+
+class ServedRows(NamedTuple):
+    """Token-table rows gathered ahead of a step (tables kept in host memory, `project.generate.HostTables`):
+    `ids_BT` index the gathered rows, `weights[l]` is layer l's `[U, d]` (JTok) or `[n_e, U, d]` (JTok-M)."""
+
+    ids_BT: torch.Tensor
+    weights: list[torch.Tensor]
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE and optional grouped-query heads."""
 
@@ -60,13 +120,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
+        """`cos`/`sin` are the rotary tables of the T positions: [T, Hd/2], or [B, 1, T, Hd/2] with a cache."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask_B1TS, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -164,6 +231,18 @@ class TokenTable(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
 
+    def rows(self) -> torch.Tensor:
+        """The table, or a clear error once `offload` moved it to host memory."""
+        if self.weight.numel() == 0:
+            raise RuntimeError("this token table lives in host memory: pass the rows gathered for the step (`served`)")
+        return self.weight
+
+    def offload(self, pin: bool) -> torch.Tensor:
+        """Hand the table to host memory (pinned if asked) and keep an empty placeholder here."""
+        host = self.weight.detach().to("cpu")
+        self.weight = nn.Parameter(self.weight.new_empty((0,)), requires_grad=False)
+        return host.pin_memory() if pin else host
+
 
 class JTok(nn.Module):
     """JTok: h_next = h~ + m * (1 + s * u/(||u|| + eps)), u = E[x_t]."""
@@ -174,8 +253,11 @@ class JTok(nn.Module):
         self.table = TokenTable(cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std)
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtok_scale_init)))
 
-    def forward(self, h_ND: torch.Tensor, m_ND: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
-        return kernels.jtok_gate(m_ND, ids_N, self.table.weight, self.scale, self.eps, residual_ND=h_ND, validate=False)
+    def forward(self, h_ND: torch.Tensor, m_ND: torch.Tensor, ids_N: torch.Tensor,
+                table_VD: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`table_VD` replaces the own table with rows gathered ahead (then `ids_N` index those)."""
+        table_VD = self.table.rows() if table_VD is None else table_VD
+        return kernels.jtok_gate(m_ND, ids_N, table_VD, self.scale, self.eps, residual_ND=h_ND, validate=False)
 
 
 class JTokM(nn.Module):
@@ -189,7 +271,10 @@ class JTokM(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.jtokm_tables, bias=False)
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtokm_scale_init)))
 
-    def forward(self, x_norm_ND: torch.Tensor, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_norm_ND: torch.Tensor, ids_N: torch.Tensor,
+                tables_EVD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """`tables_EVD` replaces the own tables with rows gathered ahead (then `ids_N` index those)."""
+        tables_EVD = self.tables.rows() if tables_EVD is None else tables_EVD
         g_NE = self.router(x_norm_ND).float()
         top_g_NK, topk_idx_NK = g_NE.topk(self.top_k, dim=-1)
         gate_NK = top_g_NK.sigmoid()
@@ -198,7 +283,7 @@ class JTokM(nn.Module):
         if self.training and self.aux_coef > 0:
             aux = self.aux_coef * switch_aux_loss(g_NE.softmax(-1), topk_idx_NK)
         r_ND = kernels.jtok_m_mix(
-            ids_N, self.tables.weight, topk_idx_NK, topk_w_NK.to(self.tables.weight.dtype), self.scale,
+            ids_N, tables_EVD, topk_idx_NK, topk_w_NK.to(tables_EVD.dtype), self.scale,
             self.alpha, self.eps, validate=False,
         )
         return r_ND.to(x_norm_ND.dtype), aux
@@ -216,10 +301,11 @@ class Block(nn.Module):
         self.jtok = JTok(cfg) if cfg.modulator == "jtok" else None
         self.jtok_m = JTokM(cfg) if cfg.modulator == "jtok_m" else None
 
-    def forward(self, h_BTD, ids_BT, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h_BTD, ids_BT, cos, sin, cache: KVCache | None = None, layer: int = 0,
+                table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         B, T, D = h_BTD.shape
         x_BTD = self.attn_norm(h_BTD)
-        h_BTD = h_BTD + self.attn(x_BTD, cos, sin)
+        h_BTD = h_BTD + self.attn(x_BTD, cos, sin, cache, layer)
         h_ND, ids_N = h_BTD.reshape(B * T, D), ids_BT.reshape(B * T)
         ffn_in_ND = self.ffn_norm(h_ND)
         if isinstance(self.ffn, MoE):
@@ -227,10 +313,10 @@ class Block(nn.Module):
         else:
             m_ND, aux = self.ffn(ffn_in_ND), h_ND.new_zeros((), dtype=torch.float32)
         if self.jtok is not None:
-            h_ND = self.jtok(h_ND, m_ND, ids_N)
+            h_ND = self.jtok(h_ND, m_ND, ids_N, table)
         elif self.jtok_m is not None:
             # The router reads RMSNorm(h) of the layer input; the attention's norm is reused for it (choice).
-            r_ND, aux_m = self.jtok_m(x_BTD.reshape(B * T, D), ids_N)
+            r_ND, aux_m = self.jtok_m(x_BTD.reshape(B * T, D), ids_N, table)
             h_ND, aux = h_ND + m_ND + r_ND, aux + aux_m
         else:
             h_ND = h_ND + m_ND
@@ -273,17 +359,35 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.w_up_EDF, std=std)
                 nn.init.normal_(module.w_down_EFD, std=out_std)
 
-    def forward(self, ids_BT: torch.Tensor) -> ModelOutput:
+    def forward(self, ids_BT: torch.Tensor, cache: KVCache | None = None, valid_BT: torch.Tensor | None = None,
+                served: ServedRows | None = None, last_only: bool = False) -> ModelOutput:  # fmt: skip
+        """Logits of every position (of the last only with `last_only`).
+
+        With a `cache` (incremental decoding), `ids_BT` are the next T tokens of each row, `valid_BT`
+        marks which are real (default: all), and the cache advances by T. `served` supplies the token
+        tables' rows gathered ahead of the step (host-memory tables)."""
         B, T = ids_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         if self.cfg.check_token_ids:
             kernels.check_ids(ids_BT, self.cfg.vocab_size, "model")
+        if cache is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            valid_BT = torch.ones_like(ids_BT, dtype=torch.bool) if valid_BT is None else valid_BT
+            pos_BT = cache.begin(valid_BT)
+            cos, sin = self.rope_cos[pos_BT][:, None], self.rope_sin[pos_BT][:, None]
+        table_ids_BT = ids_BT if served is None else served.ids_BT
         h_BTD = self.tok_emb(ids_BT)
         aux = h_BTD.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
-            h_BTD, block_aux = block(h_BTD, ids_BT, self.rope_cos, self.rope_sin)
+        for layer, block in enumerate(self.layers):
+            table = None if served is None else served.weights[layer]
+            h_BTD, block_aux = block(h_BTD, table_ids_BT, cos, sin, cache, layer, table)
             aux = aux + block_aux
+        if cache is not None:
+            cache.end(T)
+        if last_only:
+            h_BTD = h_BTD[:, -1:]
         return ModelOutput(self.lm_head(self.norm(h_BTD)), aux)
 
     def update_router_biases(self) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks that time whole models, variants interleaved in one process: `python -m project.bench.generate`."""
