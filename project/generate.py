@@ -63,32 +63,40 @@ class HostTables:
     """Keeps every token-indexed table of a model in host memory, the backbone on its device.
 
     Ids are known before any layer runs, so each step gathers the rows all layers need at once
-    (de-duplicated), and copies them to the device in one transfer: from pinned memory on a side
-    stream on CUDA, so the copy overlaps the embedding lookup; on the CPU the same path runs."""
+    (de-duplicated ids, one gather per layer's table) before the step starts. On CUDA they are gathered
+    straight into pinned buffers and copied on a side stream, which the step's first kernel waits for;
+    on the CPU the same path runs without the copy."""
 
     def __init__(self, model: Transformer, device: torch.device | str | None = None):
         """Take the tables out of `model` (best loaded on the CPU), then move the rest of it to `device`."""
         self.device = torch.device(device) if device is not None else model.lm_head.weight.device
         self.tables: list[torch.Tensor] = []
-        pin = self.device.type == "cuda"
         for block in model.layers:
             if block.jtok is None and block.jtok_m is None:
                 raise ConfigError(f"variant {model.cfg.variant!r} has no token-indexed tables to keep in host memory")
             table = block.jtok.table if block.jtok is not None else block.jtok_m.tables
-            self.tables.append(table.offload(pin))
+            self.tables.append(table.offload())
         model.to(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def gather(self, ids_BT: torch.Tensor) -> ServedRows:
         """The rows of this step's unique ids for every layer, on the model's device."""
         unique_U, inverse = torch.unique(ids_BT.cpu(), return_inverse=True)
-        rows = [table.index_select(-2, unique_U) for table in self.tables]
         if self.stream is None:
+            rows = [table.index_select(-2, unique_U) for table in self.tables]
             return ServedRows(inverse.to(self.device), [r.to(self.device) for r in rows])
+        pinned = []
+        for table in self.tables:  # gathered straight into pinned buffers: one host copy, async transfers
+            shape = (*table.shape[:-2], len(unique_U), table.shape[-1])
+            pinned.append(torch.index_select(table, -2, unique_U, out=torch.empty(shape, dtype=table.dtype,
+                                                                                  pin_memory=True)))
         with torch.cuda.stream(self.stream):
-            moved = [r.pin_memory().to(self.device, non_blocking=True) for r in rows]
+            moved = [r.to(self.device, non_blocking=True) for r in pinned]
             ids = inverse.pin_memory().to(self.device, non_blocking=True)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        for t in (ids, *moved):  # allocated on the side stream, used on the main one
+            t.record_stream(main)
         return ServedRows(ids, moved)
 
 

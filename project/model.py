@@ -237,11 +237,11 @@ class TokenTable(nn.Module):
             raise RuntimeError("this token table lives in host memory: pass the rows gathered for the step (`served`)")
         return self.weight
 
-    def offload(self, pin: bool) -> torch.Tensor:
-        """Hand the table to host memory (pinned if asked) and keep an empty placeholder here."""
+    def offload(self) -> torch.Tensor:
+        """Hand the table to host memory and keep an empty placeholder here."""
         host = self.weight.detach().to("cpu")
         self.weight = nn.Parameter(self.weight.new_empty((0,)), requires_grad=False)
-        return host.pin_memory() if pin else host
+        return host
 
 
 class JTok(nn.Module):
