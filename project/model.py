@@ -122,8 +122,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
-        """`cos`/`sin` are the rotary tables of the T positions: [T, Hd/2], or [B, 1, T, Hd/2] with a cache."""
+        """`cos`/`sin`: the rotary tables [max_seq_len, Hd/2]; with a cache, each token's own [B, 1, T, Hd/2]."""
         B, T, _ = x_BTD.shape
+        if cache is None:
+            cos, sin = cos[:T], sin[:T]
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -371,9 +373,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         if self.cfg.check_token_ids:
             kernels.check_ids(ids_BT, self.cfg.vocab_size, "model")
-        if cache is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        else:
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is not None:
             valid_BT = torch.ones_like(ids_BT, dtype=torch.bool) if valid_BT is None else valid_BT
             pos_BT = cache.begin(valid_BT)
             cos, sin = self.rope_cos[pos_BT][:, None], self.rope_sin[pos_BT][:, None]
