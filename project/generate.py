@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from project.config import ConfigError
-from project.model import KVCache, ServedRows, Transformer
+from project.kv_cache import KVCache
+from project.model import ServedRows, Transformer
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from project.checkpoint import STATE_PREFIX, with_checksum
 from project.config import VARIANTS, ConfigError, ModelConfig
 from project.data.tokenizer import EOS, train_tokenizer
 from project.generate import HostTables, SamplingSettings, TextStream, generate, generate_text, next_tokens
-from project.model import KVCache, Transformer
+from project.kv_cache import KVCache
+from project.model import Transformer
 
 # A larger init_std than training's makes a random model's greedy choices vary from token to token, so token
 # identity below compares real sequences, not one token repeated.
