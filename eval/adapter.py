@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from project.checkpoint import LoadedModel, load_model

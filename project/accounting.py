@@ -9,6 +9,8 @@ Conventions (also in README):
   with P_matmul the active parameters used in matrix products (attention projections, the active
   FFN experts and routers, the output head; lookups are free) and the second term the causal
   attention scores and values counted over the full T x T window, as PyTorch's FLOP counter does.
+- MFU (model FLOPs utilisation) = `flops_per_token` x global tokens/s / (peak FLOP/s of one device x devices), the
+  peak a dense datasheet figure at the precision the matmuls run in (PEAK_FLOPS) or `mfu.peak_flops`.
 """
 
 from __future__ import annotations
@@ -63,3 +65,52 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     c = _layer_counts(cfg)
     matmul = cfg.n_layers * (c["attn"] + c["ffn_active"] + c["mod_matmul"]) + cfg.vocab_size * cfg.d_model
     return 6 * matmul + 12 * cfg.n_layers * T * cfg.n_heads * cfg.head_dim
+
+
+# Dense peak FLOP/s of one device (vendor datasheets; the "with sparsity" figures are twice these), by the precision
+# the matmuls run in: bf16 (fp16 the same), tf32 (fp32 training with torch.backends TF32 matmuls on), fp32.
+PEAK_FLOPS = {
+    "H200 NVL": {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H200 SXM": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 67e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H100 SXM": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
+# torch.cuda.get_device_name() -> PEAK_FLOPS key, first match wins (lower case substrings), e.g. "NVIDIA H200",
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB".
+DEVICE_NAMES = (
+    ("h200 nvl", "H200 NVL"), ("h200", "H200 SXM"), ("h100 nvl", "H100 NVL"), ("h100 pcie", "H100 PCIe"),
+    ("h100 80gb hbm2e", "H100 PCIe"), ("h100", "H100 SXM"), ("a100", "A100"),
+)  # fmt: skip
+
+
+def known_device(device_name: str) -> str | None:
+    """The PEAK_FLOPS entry for a CUDA device name, or None when it is not in the table."""
+    name = device_name.lower()
+    return next((key for pattern, key in DEVICE_NAMES if pattern in name), None)
+
+
+def matmul_precision(trainer_precision: str, fp32_matmul_precision: str = "highest") -> str | None:
+    """The precision the matmuls of a run compute in, as a PEAK_FLOPS column, from Lightning's precision setting
+    ("bf16-mixed", "16-true", "32-true", ...) and torch.get_float32_matmul_precision(); None for fp64 and others."""
+    setting = str(trainer_precision)
+    if setting.startswith(("bf16", "16")):
+        return "bf16"  # fp16 peaks equal bf16 peaks on every device in the table
+    if setting.startswith("32"):
+        return "fp32" if fp32_matmul_precision == "highest" else "tf32"
+    return None
+
+
+def peak_flops(device_name: str, precision: str | None) -> float | None:
+    """Dense peak FLOP/s of one device named `device_name` at `precision` (a PEAK_FLOPS column), or None if unknown."""
+    device = known_device(device_name)
+    return None if device is None or precision is None else PEAK_FLOPS[device].get(precision)
+
+
+def model_flops_utilisation(
+    tokens_per_sec: float, flops_per_token: float, peak_per_device: float, devices: int
+) -> float:
+    """MFU: the model FLOP/s the run achieves (analytic FLOPs per token x global tokens/s) over the peak of all its
+    devices."""
+    return tokens_per_sec * flops_per_token / (peak_per_device * devices)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,12 +37,16 @@ class LMModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None  # travels inside checkpoints so they are self-contained
         self.data_identity: dict[str, Any] | None = None  # the data a checkpoint was trained on (checked on resume)
-        self._last_batch_time: float | None = None
         self.train_tokens = 0
         self._sharded = False
 
     def forward(self, ids_BT: torch.Tensor):
         return self.model(ids_BT)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 has sharded the model (trainer=fsdp); its MixedPrecisionPolicy then sets the compute dtype."""
+        return self._sharded
 
     def configure_model(self) -> None:
         """Apply FSDP2 / tensor parallel plans when the strategy provides a device mesh."""
@@ -76,18 +79,8 @@ class LMModule(L.LightningModule):
         self.log("train_tokens", float(self.train_tokens))
         return loss
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_time is not None:
-            tokens = batch[0].numel() * self.trainer.world_size
-            self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_time, 1e-9), prog_bar=True)
-        self._last_batch_time = now
-
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.update_router_biases()
-
-    def on_validation_epoch_start(self) -> None:
-        self._last_batch_time = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx: int) -> None:
         ce, _, n_tokens = self._losses(batch)

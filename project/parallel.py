@@ -12,7 +12,8 @@ from project.model import Transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _dtype(name: str | None, device_type: str) -> torch.dtype | None:
+def compute_dtype(name: str | None, device_type: str) -> torch.dtype | None:
+    """The dtype a `parallel.*_dtype` setting names on this device type (None: keep the parameters' own)."""
     if name in (None, "auto"):
         return torch.bfloat16 if device_type == "cuda" and name == "auto" else None
     if name not in DTYPES:
@@ -45,7 +46,7 @@ def apply_fsdp(
 
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
     device_type = mesh.device_type
-    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, device_type), reduce_dtype=_dtype(reduce_dtype, device_type))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(param_dtype, device_type), reduce_dtype=compute_dtype(reduce_dtype, device_type))
     common: dict[str, Any] = dict(
         mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     )

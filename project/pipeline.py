@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,10 @@ from project.data import budget
 from project.checkpoint import AtomicCheckpointIO, is_sharded_checkpoint, read_checkpoint, single_file_checkpoint
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
+from project.throughput import Throughput, check_peak_flops
 from project.run_dir import (
-    RunCheckpoint, RunCSVLogger, TrainingInterrupted, claim_run_dir, is_rank_zero, stop_on_signals,
+    RunCheckpoint, TrainingInterrupted, build_loggers, check_loggers, claim_run_dir, finish_loggers, is_rank_zero,
+    stop_on_signals,
 )
 
 log = logging.getLogger(__name__)
@@ -43,28 +44,6 @@ class TrainResult:
     checkpoint: Path
     qa_path: Path | None
     is_global_zero: bool
-
-
-class TrainTimer(Callback):
-    """Wall time spent in training batches (validation and checkpointing excluded), and the step
-    of the latest validation."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.tokens = 0
-        self._start = 0.0
-        self.validated_at: int | None = None
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.validated_at = trainer.global_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds += time.perf_counter() - self._start
-        self.tokens += batch[0].numel() * trainer.world_size
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
@@ -147,10 +126,10 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Callback], resume_step: int = 0) -> L.Trainer:
-    """Instantiate `cfg.trainer` with the run directory's checkpointing and CSV metrics (rows before `resume_step`
-    kept from the run being resumed)."""
+    """Instantiate `cfg.trainer` with the run directory's checkpointing, CSV metrics (rows before `resume_step` kept
+    from the run being resumed) and the loggers chosen with `logger=`."""
     ckpt = RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_train_steps, cfg.checkpoint.keep_all)
-    logger = RunCSVLogger(run_dir, resume_step)
+    logger = build_loggers(cfg.get("logger"), run_dir, resume_step)
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) and strategy in ("auto", "ddp") else None
     return hydra.utils.instantiate(
@@ -288,6 +267,8 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     """Run the train stage and write `run_dir/summary.json` (its `eval` still empty). `callbacks(datamodule)`
     adds the caller's callbacks (the in-training knowledge probe) once the data is prepared."""
     run_dir = Path(cfg.run_dir).resolve()
+    check_loggers(cfg.get("logger"))  # a missing logger package fails here, not after the data is prepared
+    configured_peak = check_peak_flops((cfg.get("mfu") or {}).get("peak_flops"))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -308,15 +289,20 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     )
     module.tokenizer_json = tokenizer_json
     module.data_identity = data
-    timer = TrainTimer()
-    trainer = build_trainer(cfg, run_dir, [timer, *(callbacks(datamodule) if callbacks else [])], resume_step)
+    throughput = Throughput(flops_per_token(model_cfg, cfg.data.seq_len), configured_peak)
+    trainer = build_trainer(cfg, run_dir, [throughput, *(callbacks(datamodule) if callbacks else [])], resume_step)
     stats = module.stats()
     log.info("variant %s: %s", model_cfg.variant, stats)
-    fit(trainer, module, datamodule, cfg.ckpt_path, run_dir / "checkpoints" / "last.ckpt")
-    if timer.validated_at == trainer.global_step and "val/loss" in trainer.callback_metrics:
-        val = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the final weights were just validated
-    else:
-        val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    try:
+        fit(trainer, module, datamodule, cfg.ckpt_path, run_dir / "checkpoints" / "last.ckpt")
+        if throughput.validated_at == trainer.global_step and "val/loss" in trainer.callback_metrics:
+            val = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the final weights were just validated
+        else:
+            val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    except BaseException:
+        finish_loggers(trainer.loggers, failed=True)
+        raise
+    finish_loggers(trainer.loggers)
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
@@ -332,8 +318,10 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
         "data": data_record(datamodule, plan),
         "val_loss": float(val["val/loss"]),
         "val_ppl": perplexity(float(val["val/loss"])),
-        "tokens_per_sec": timer.tokens / timer.seconds if timer.seconds else None,
-        "train_seconds": timer.seconds,
+        "tokens_per_sec": throughput.tokens_per_sec,
+        "train_seconds": throughput.seconds,
+        "mfu": throughput.mfu(throughput.tokens_per_sec),
+        "peak_flops": throughput.peak_per_device,
         "checkpoint": str(checkpoint),
         "model": model_cfg.to_dict(),
         "eval": {},

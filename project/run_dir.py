@@ -1,5 +1,5 @@
-"""The run directory under kills, resumes and reruns: claiming it, its metrics.csv, its checkpoint callback and
-stopping on SIGTERM / SIGINT.
+"""The run directory under kills, resumes and reruns: claiming it, its metrics.csv and the other loggers, its
+checkpoint callback and stopping on SIGTERM / SIGINT.
 
 Nothing a run has written is lost to a kill -9: checkpoints are renamed into place (project/checkpoint.py), the
 metric rows before a resume stay in metrics.csv (it is appended to, and only ever replaced atomically), and a refused
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import os
 import re
@@ -16,14 +17,15 @@ import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.saving import save_hparams_to_yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -35,7 +37,7 @@ from project.io import atomic_write_text
 
 # What a train run writes into its run dir: an overwrite removes all of it before the new run starts.
 RUN_OUTPUTS = ("checkpoints", "summary.json", "eval.json", "metrics.csv", "hparams.yaml", "lm_eval_tasks",
-               "config.yaml", "tokenizer.json")  # fmt: skip
+               "config.yaml", "tokenizer.json", "tensorboard", "wandb", "mlruns")  # fmt: skip
 STEP_FILE = re.compile(r"step\d+\.ckpt")
 
 
@@ -233,3 +235,48 @@ class RunCSVLogger(CSVLogger):
         if self._experiment is None:
             self._experiment = RunMetricsWriter(self.log_dir, self.resume_step)
         return self._experiment
+
+
+# The package each optional Lightning logger imports (the module Lightning needs, the name pip installs it by).
+LOGGER_PACKAGES = {
+    "TensorBoardLogger": ("tensorboard", "tensorboard"),
+    "WandbLogger": ("wandb", "wandb"),
+    "MLFlowLogger": ("mlflow", "mlflow-skinny"),
+}
+
+
+def check_loggers(chosen: Mapping[str, Any] | None) -> None:
+    """Fail before any data is prepared when a chosen logger's package is not installed, naming what to install."""
+    for name, settings in (chosen or {}).items():
+        target = str((settings or {}).get("_target_", ""))
+        module, pip_name = LOGGER_PACKAGES.get(target.rsplit(".", 1)[-1], (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logger={name} needs the `{module}` package, which is not installed: pip install {pip_name}"
+            )
+
+
+def build_loggers(chosen: Mapping[str, Any] | None, run_dir: Path, resume_step: int = 0) -> list[Logger]:
+    """The run's loggers: RunCSVLogger's metrics.csv always (first: summary and report read it), then every other
+    logger chosen with `logger=` (a `logger` config group entry each, `_target_` a Lightning logger)."""
+    check_loggers(chosen)
+    loggers: list[Logger] = [RunCSVLogger(run_dir, resume_step)]
+    for name, settings in (chosen or {}).items():
+        if name == "csv":
+            continue
+        if "_target_" not in settings:
+            raise ConfigError(f"logger.{name} has no _target_: name the Lightning logger class it builds")
+        if str(settings.get("tracking_uri", "")).startswith("file:"):
+            # MLflow 3 refuses its local file store unless asked for it; a database store needs the full mlflow.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(hydra.utils.instantiate(settings))
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger], failed: bool = False) -> None:
+    """End what outlives `trainer.fit`: a wandb run stays open until `wandb.finish()` (its records unflushed, and the
+    next job of a multirun would log into it); Lightning finalizes the other loggers itself."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish(exit_code=1 if failed else 0)  # nothing to do where no run was started (other ranks)

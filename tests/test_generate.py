@@ -11,7 +11,7 @@ from conftest import offline_env, run_py
 
 from project.checkpoint import STATE_PREFIX, with_checksum
 from project.config import VARIANTS, ConfigError, ModelConfig
-from project.data.tokenizer import EOS, train_tokenizer
+from project.data.tokenizer import train_tokenizer
 from project.generate import HostTables, SamplingSettings, TextStream, generate, generate_text, next_tokens
 from project.kv_cache import KVCache
 from project.model import Transformer
