@@ -324,3 +324,23 @@ def test_no_leftovers_orphan_steps_or_temporaries_and_files_get_the_usual_mode(m
     with pytest.raises(OSError, match="No space left"):
         AtomicCheckpointIO().save_checkpoint({}, tmp_path / "c" / "x.ckpt")
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_real_text_experiment_trains_at_smoke_size(data_cache, tmp_path):
+    """experiment=text_ablation (docstrings of installed packages, one pass) on one small package's docstrings."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=text_ablation", "model=jtok_m", "data.source.packages=[omegaconf]",
+            "data.tokenizer.vocab_size=512", "data.seq_len=32", "data.batch_size=4", "train_epochs=0.5",
+            "data.max_val_batches=2", "eval.enabled=false",
+        ])  # fmt: skip
+    with open_dict(cfg):
+        cfg.run_dir, cfg.data.cache_dir = str(tmp_path / "run"), str(data_cache)
+    summary = train(cfg)
+    assert summary["data"]["epochs"] <= 1.0 and summary["steps"] >= 3  # one pass at most, as the experiment says
+    assert summary["val_loss"] < math.log(512)
