@@ -1,8 +1,12 @@
-"""Documents from a Hugging Face dataset, failing fast and clearly when it cannot be reached."""
+"""Documents from a Hugging Face dataset, failing fast and clearly when it cannot be reached.
+
+`data=hf` tokenizes at start-up, so it suits what fits in one cache build (`max_documents`); a larger corpus is
+pre-tokenised once (`python -m project.data.pretokenize --hf NAME`, which streams the dataset shard by shard)
+and trained from with `data=tokens`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from project.config import ConfigError, UserError
@@ -67,25 +71,38 @@ class HFSource:
         return self.name if self.config is None else f"{self.name}, config {self.config}"
 
     def _texts(self, dataset: Any) -> Iterator[str]:
-        for record in dataset:
-            if self.text_field not in record:
-                raise ConfigError(f"dataset {self.label}: no field {self.text_field!r} (fields: {sorted(record)})")
-            yield record[self.text_field] or ""
+        return record_texts(dataset, self.text_field, self.label)
 
     def _load(self) -> Any:
-        offline = ensure_hub_mode()
-        import datasets
+        return load_hf_dataset(self.name, self.config, self.split, self.streaming)
 
-        try:
-            return datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)
-        except Exception as e:
-            mode = "offline (Hub unreachable or HF_HUB_OFFLINE=1)" if offline else "online"
-            raise DatasetUnavailableError(
-                f"cannot load Hugging Face dataset {self.label} (split {self.split!r}, {mode}): "
-                f"{type(e).__name__}: {e}\n"
-                "Provide it in one of two ways:\n"
-                "  1. warm the Hugging Face cache on a machine with Hub access (same HF_HOME), "
-                f"e.g. datasets.load_dataset({self.name!r}, {self.config!r}, split={self.split!r}); or\n"
-                "  2. export it to local .jsonl/.parquet/.txt files and train with "
-                "data=text data.source.paths=[/path/to/files/*.parquet]"
-            ) from e
+
+def record_texts(records: Iterable[Mapping[str, Any]], text_field: str, label: str) -> Iterator[str]:
+    """Each record's `text_field` ("" for a null); ConfigError naming the fields when a record lacks it."""
+    for record in records:
+        if text_field not in record:
+            raise ConfigError(f"dataset {label}: no field {text_field!r} (fields: {sorted(record)})")
+        yield record[text_field] or ""
+
+
+def load_hf_dataset(name: str, config: str | None, split: str, streaming: bool) -> Any:
+    """`datasets.load_dataset(name, config, split=split, streaming=streaming)` (a Hub name, or a local folder of
+    .jsonl/.parquet/.txt files); DatasetUnavailableError saying how to provide the data when it cannot be loaded."""
+    offline = ensure_hub_mode()
+    import datasets
+
+    label = name if config is None else f"{name}, config {config}"
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:
+        mode = "offline (Hub unreachable or HF_HUB_OFFLINE=1)" if offline else "online"
+        raise DatasetUnavailableError(
+            f"cannot load Hugging Face dataset {label} (split {split!r}, {mode}): "
+            f"{type(e).__name__}: {e}\n"
+            "Provide it in one of two ways:\n"
+            "  1. warm the Hugging Face cache on a machine with Hub access (same HF_HOME), "
+            f"e.g. datasets.load_dataset({name!r}, {config!r}, split={split!r}); or\n"
+            "  2. export it to local .jsonl/.parquet/.txt files and train with "
+            "data=text data.source.paths=[/path/to/files/*.parquet] (or pre-tokenise them: "
+            "python -m project.data.pretokenize --input '/path/to/files/*.parquet' ...)"
+        ) from e
