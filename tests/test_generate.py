@@ -222,3 +222,18 @@ def test_generate_stage_streams_and_writes_generations(checkpoint, tmp_path, tok
     assert records[1]["generation"] in single.stdout  # streamed, same as in the batch (greedy)
     missing = run_py(env, "stage=generate", f"ckpt_path={checkpoint}", f"run_dir={tmp_path / 'x'}", check=False)
     assert missing.returncode == 2 and "prompt" in missing.stderr
+
+
+def test_generate_benchmark_writes_its_table(tmp_path):
+    from project.bench import generate as bench
+
+    rows = bench.main(["--variants", "baseline,jtok_m", "--repeats", "2", "--batch", "2", "--prompt-len", "6",
+                       "--new-tokens", "5", "--vocab", "64", "--model", "d_model=32", "n_layers=1", "--host-tables",
+                       "--out", str(tmp_path)])  # fmt: skip
+    assert [(r["variant"], r["mode"]) for r in rows] == [("baseline", "cached"), ("jtok_m", "cached"), ("jtok_m", "host_tables")]
+    assert rows[0]["decode_vs_baseline"] == 1.0  # the baseline's own ratio is x / x in every repetition
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    # host-memory tables leave the device with the backbone only: the tables' size less than the plain model
+    cached, host = rows[1], rows[2]
+    assert host["device_mib"] == pytest.approx(cached["device_mib"] - cached["token_table_mib"], abs=0.15)
+    assert (tmp_path / "generate.csv").is_file() and "| jtok_m | host_tables |" in (tmp_path / "generate.md").read_text()

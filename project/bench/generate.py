@@ -6,7 +6,8 @@ EOS). Prefill tokens/s is prompt tokens over the time to the first new token; de
 remaining new tokens over their time. Ratios to the baseline are taken within each repetition, then the
 median is reported with the min-max spread. Optional rows: the tables kept in host memory
 (`--host-tables`), and today's path without a cache (`--rerun`, every step re-runs each sequence).
-Device memory is the model's resident weights plus the KV cache (on CUDA: the peak allocated).
+Device memory (`device_mib`): on CUDA the peak allocated during a generation; on the CPU the model's resident
+weights and buffers plus the KV cache (host-memory tables excluded), computed from the tensors.
 Writes a CSV and a Markdown table (atomically) and prints the table.
 """
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from project.config import VARIANTS, ModelConfig
 from project.generate import HostTables, SamplingSettings, generate
@@ -58,7 +60,7 @@ def base_config(vocab: int, max_seq_len: int, overrides: list[str]) -> dict:
     base.update(vocab_size=vocab, max_seq_len=max_seq_len)
     for item in overrides:
         key, _, value = item.partition("=")
-        base[key] = OmegaConf.create({"v": value})["v"] if value else None
+        base[key] = yaml.safe_load(value) if value else None  # "512" -> 512, "true" -> True, "null" -> None
     return base
 
 
@@ -78,8 +80,8 @@ def device_mib(model: Transformer, prompts: int, length: int) -> float:
     return (weights + cache) / 2**20
 
 
-def time_one(model, host, prompts, new_tokens: int, use_cache: bool, device) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one greedy generation."""
+def time_one(model, host, prompts, new_tokens: int, use_cache: bool, device) -> tuple[float, float, float | None]:
+    """(prefill tokens/s, decode tokens/s, peak MiB allocated on CUDA or None) of one greedy generation."""
     stamps: list[float] = []
 
     def stamp(_tokens, _active) -> None:
@@ -89,12 +91,14 @@ def time_one(model, host, prompts, new_tokens: int, use_cache: bool, device) -> 
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     generate(model, prompts, SamplingSettings(max_new_tokens=new_tokens, use_cache=use_cache), on_tokens=stamp,
              host_tables=host)  # fmt: skip
     prompt_tokens = sum(len(p) for p in prompts)
     decoded = len(prompts) * (len(stamps) - 1)
-    return prompt_tokens / (stamps[0] - start), decoded / (stamps[-1] - stamps[0])
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return prompt_tokens / (stamps[0] - start), decoded / (stamps[-1] - stamps[0]), peak
 
 
 def main(argv=None) -> list[dict]:
@@ -118,7 +122,7 @@ def main(argv=None) -> list[dict]:
     models = {m: build(m[0], cfg, device, dtype, m[1] == "host_tables") for m in modes}
     for (model, host), (_, mode) in zip(models.values(), modes):  # warm-up
         time_one(model, host, prompts, 4, mode != "rerun", device)
-    samples: dict[tuple[str, str], list[tuple[float, float]]] = {m: [] for m in modes}
+    samples: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {m: [] for m in modes}
     for rep in range(a.repeats):
         for m in modes:
             model, host = models[m]
@@ -139,7 +143,7 @@ def main(argv=None) -> list[dict]:
             "decode_tok_s": round(statistics.median(r[1] for r in runs)),
             "decode_vs_baseline": round(statistics.median(ratios[1]), 3),
             "decode_spread": f"{min(ratios[1]):.3f}-{max(ratios[1]):.3f}",
-            "device_mib": round(device_mib(model, a.batch, a.prompt_len + a.new_tokens), 1),
+            "device_mib": round(runs[0][2] if device.type == "cuda" else device_mib(model, a.batch, a.prompt_len + a.new_tokens), 1),
             "token_table_mib": round(tables / 2**20, 1),
         })  # fmt: skip
     out = Path(a.out)
