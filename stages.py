@@ -106,10 +106,9 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
 
     from tqdm.auto import tqdm
 
-    from eval.adapter import resolve_device
     from project.checkpoint import load_model
     from project.data.tokenizer import EOS
-    from project.generate import HostTables, SamplingSettings, generate_text
+    from project.generate import HostTables, SamplingSettings, generate_text, resolve_device
 
     g = cfg.generate
     if not cfg.ckpt_path:

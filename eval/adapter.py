@@ -23,26 +23,12 @@ from tqdm.auto import tqdm
 
 from project.checkpoint import LoadedModel, load_model
 from project.data.tokenizer import EOS
-from project.generate import SamplingSettings, generate_text
+from project.generate import SamplingSettings, generate_text, resolve_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 CPU_AUTO_BATCH_SIZE = 32  # "auto" on CPU: there is no out-of-memory signal to probe with
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The requested device, or the CPU (with a warning) when its backend is unavailable; None = best available."""
-    if device is None or str(device) in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available: evaluating on the CPU", device)
-        return torch.device("cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        log.warning("device %s requested but MPS is not available: evaluating on the CPU", device)
-        return torch.device("cpu")
-    return dev
 
 
 def parse_batch_size(value: int | str | None) -> int | str:

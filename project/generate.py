@@ -3,6 +3,7 @@ optionally with the token tables served from host memory."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,22 @@ import torch
 from project.config import ConfigError
 from project.kv_cache import KVCache
 from project.model import ServedRows, Transformer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or the CPU (with a warning) when its backend is unavailable; None = best available."""
+    if device is None or str(device) in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available: running on the CPU", device)
+        return torch.device("cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        log.warning("device %s requested but MPS is not available: running on the CPU", device)
+        return torch.device("cpu")
+    return dev
 
 
 @dataclass(frozen=True)
