@@ -187,6 +187,9 @@ def resolve_steps(cfg: DictConfig, model_cfg: ModelConfig, datamodule: Any) -> N
         set_max_steps(cfg, steps)
         log.info("train_flops=%.3g: %d steps of %.3g FLOPs", float(flops), steps, per_step)
     elif epochs is not None:
+        if getattr(datamodule, "streaming", False):
+            raise ConfigError(f"train_epochs={epochs}: a streamed dataset has no known length; set trainer.max_steps "
+                              "(or train_flops) instead")  # fmt: skip
         per_epoch = data_budget(cfg, datamodule, steps=0).steps_per_epoch
         steps = int(float(epochs) * per_epoch)
         if steps < 1:
@@ -197,7 +200,7 @@ def resolve_steps(cfg: DictConfig, model_cfg: ModelConfig, datamodule: Any) -> N
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (the data stream is endless)")
 
 
-def prepare_data(cfg: DictConfig) -> tuple[Any, ModelConfig, budget.DataBudget]:
+def prepare_data(cfg: DictConfig) -> tuple[Any, ModelConfig, budget.DataBudget | None]:
     """Build the data module and the model config, fix the step count, and check how often the run reads
     its data. `data.source.docs_per_entity=auto` first measures tokens per document on a pilot corpus,
     then grows the facts corpus so the run reads it at most once."""
@@ -221,6 +224,8 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, ModelConfig, budget.DataBudget]:
     datamodule.prepare_data()
     model_cfg = model_config(cfg, datamodule.vocab_size)
     resolve_steps(cfg, model_cfg, datamodule)
+    if getattr(datamodule, "streaming", False):  # no known length: what was read is counted as it is read
+        return datamodule, model_cfg, None
     plan = data_budget(cfg, datamodule)
     if plan.epochs > 1:
         if auto:
@@ -244,8 +249,10 @@ def size_facts_corpus(cfg: DictConfig, pilot: Any) -> int:
                                       cfg.data.source.num_entities)  # fmt: skip
 
 
-def data_record(datamodule: Any, plan: budget.DataBudget) -> dict[str, Any]:
+def data_record(datamodule: Any, plan: budget.DataBudget | None) -> dict[str, Any]:
     """summary.json's `data`: what the training split holds and how much of it the run read."""
+    if plan is None:  # a stream
+        return datamodule.data_record()
     meta = datamodule.meta
     record: dict[str, Any] = {
         "train_tokens": int(meta["train_tokens"]),

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from project.data.manifest import PretokenizedDataError
     from project.data.module import TokenDataModule
     from project.data.source import Source
+    from project.data.stream import StreamEndedError, StreamingDataModule
     from project.data.text import TextDecodeError, TextSource
     from project.data.tokens import PretokenizedDataModule
 
@@ -26,6 +27,8 @@ _EXPORTS = {
     "PretokenizedDataError": "project.data.manifest",
     "PretokenizedDataModule": "project.data.tokens",
     "Source": "project.data.source",
+    "StreamEndedError": "project.data.stream",
+    "StreamingDataModule": "project.data.stream",
     "TextDecodeError": "project.data.text",
     "TextSource": "project.data.text",
     "TokenDataModule": "project.data.module",
@@ -38,6 +41,8 @@ __all__ = [
     "PretokenizedDataError",
     "PretokenizedDataModule",
     "Source",
+    "StreamEndedError",
+    "StreamingDataModule",
     "TextDecodeError",
     "TextSource",
     "TokenDataModule",

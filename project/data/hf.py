@@ -104,5 +104,6 @@ def load_hf_dataset(name: str, config: str | None, split: str, streaming: bool) 
             f"e.g. datasets.load_dataset({name!r}, {config!r}, split={split!r}); or\n"
             "  2. export it to local .jsonl/.parquet/.txt files and train with "
             "data=text data.source.paths=[/path/to/files/*.parquet] (or pre-tokenise them: "
-            "python -m project.data.pretokenize --input '/path/to/files/*.parquet' ...)"
+            "python -m project.data.pretokenize --input '/path/to/files/*.parquet' ..., or stream them: "
+            "data=hf_stream data.source.name=/path/to/folder data.source.config=null)"
         ) from e
