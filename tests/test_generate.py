@@ -223,8 +223,25 @@ def test_generate_stage_streams_and_writes_generations(checkpoint, tmp_path, tok
     single = run_py(env, "stage=generate", f"ckpt_path={checkpoint}", "prompt=a dog", "generate.temperature=0",
                     "generate.max_new_tokens=6", f"run_dir={tmp_path / 'one'}")  # fmt: skip
     assert records[1]["generation"] in single.stdout  # streamed, same as in the batch (greedy)
-    missing = run_py(env, "stage=generate", f"ckpt_path={checkpoint}", f"run_dir={tmp_path / 'x'}", check=False)
-    assert missing.returncode == 2 and "prompt" in missing.stderr
+
+
+def test_generate_stage_needs_one_source_of_prompts(tmp_path):
+    from stages import read_prompts
+
+    with pytest.raises(ConfigError, match="exactly one of prompt"):
+        read_prompts(None, None)
+    with pytest.raises(ConfigError, match="exactly one of prompt"):
+        read_prompts("hi", str(tmp_path / "p.txt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_prompts(None, str(tmp_path / "p.txt"))
+    (tmp_path / "p.jsonl").write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(ConfigError, match='"prompt"'):
+        read_prompts(None, str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        read_prompts(None, str(tmp_path / "p.txt"))
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert read_prompts(None, str(tmp_path / "p.txt")) == ["one", "two"]
 
 
 def test_generate_benchmark_writes_its_table(tmp_path):
