@@ -149,6 +149,8 @@ def generate(
     kept as the reference)."""
     model.eval()
     check_fits(model, [len(p) for p in prompts], settings.max_new_tokens)
+    if not prompts:
+        return []
     device = model.lm_head.weight.device
     generator = None  # without a seed, sampling draws from torch's global generator
     if not settings.greedy and settings.seed is not None:

@@ -135,6 +135,7 @@ def test_eos_ends_only_its_row_and_stop_callback():
     stopped = generate(model, PROMPTS, SamplingSettings(max_new_tokens=10), stop=lambda row, new: len(new) >= row + 2)
     assert [len(t) for t in stopped] == [2, 3, 4]
     assert generate(model, PROMPTS, SamplingSettings(max_new_tokens=0)) == [[], [], []]
+    assert generate(model, [], SamplingSettings(max_new_tokens=3)) == []
 
 
 def test_clear_errors_for_prompts_that_do_not_fit():
