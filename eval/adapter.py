@@ -217,10 +217,11 @@ class JTokLM(TemplateLM):
         for chunk in collator.get_batched(n=self.batch_size):
             settings = normalize_gen_kwargs(chunk[0][1], default_max_gen_toks=self.max_gen_toks)
             until = handle_stop_sequences(settings.get("until"), eos=EOS)
-            sampling = self._sampling(settings)
+            contexts = [self.tok_encode(context) or [self.prefix_token_id] for context, _ in chunk]
+            sampling = self._sampling(settings, max(len(ids) for ids in contexts))
             texts = generate_text(
                 self.model, self.tokenizer, [context for context, _ in chunk], sampling, self._eot_id, until,
-                prompt_ids=[self._prompt(context, sampling.max_new_tokens) for context, _ in chunk],
+                prompt_ids=[ids[-(self.max_length - sampling.max_new_tokens) :] for ids in contexts],
             )
             for (context, gen_kwargs), text in zip(chunk, texts, strict=True):
                 results.append(text)
@@ -229,9 +230,17 @@ class JTokLM(TemplateLM):
         pbar.close()
         return collator.get_original(results)
 
-    def _sampling(self, settings: dict[str, Any]) -> SamplingSettings:
-        """lm-eval's normalised generation kwargs as our settings (temperature 0 when not sampling)."""
-        max_new = min(int(settings["max_gen_toks"]), self.max_length - 1)
+    def _sampling(self, settings: dict[str, Any], longest_context: int) -> SamplingSettings:
+        """lm-eval's normalised generation kwargs as our settings (temperature 0 when not sampling).
+
+        Contexts and new tokens share the model's window (the cache does not slide). When `max_gen_toks`
+        would leave the longest context less than half of it, fewer tokens are generated instead of cutting
+        the context to nothing (a 128-token model asked for lm-eval's default 256)."""
+        wanted = int(settings["max_gen_toks"])
+        max_new = min(wanted, max(self.max_length - longest_context, self.max_length // 2))
+        if max_new < wanted:
+            log.warning("jtok model: generating at most %d tokens (max_gen_toks=%d) so that the context keeps %d of "
+                        "the model's %d positions", max_new, wanted, self.max_length - max_new, self.max_length)  # fmt: skip
         if not settings.get("do_sample"):
             return SamplingSettings(max_new_tokens=max_new)
         ignored = sorted(set(settings) - {"do_sample", "until", "max_gen_toks", "temperature", "top_k", "top_p", "seed"})
@@ -244,11 +253,6 @@ class JTokLM(TemplateLM):
             top_p=settings.get("top_p"),
             seed=settings.get("seed"),
         )
-
-    def _prompt(self, context: str, max_new_tokens: int) -> list[int]:
-        """The context's tokens, left-truncated so that they and the new tokens fit the model's context."""
-        ids = self.tok_encode(context) or [self.prefix_token_id]
-        return ids[-(self.max_length - max_new_tokens) :]
 
     # ------------------------------------------------------------------ batch size
 

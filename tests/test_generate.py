@@ -209,6 +209,10 @@ def test_adapter_generate_until_honours_sampling_settings(checkpoint):
     sampled = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 1.5, "seed": 3}
     assert ask(sampled) == ask(sampled) != greedy
     assert ask({**sampled, "top_k": 1}) == greedy
+    # Context and new tokens share the 48-token window: max_gen_toks is cut so the context keeps at least half.
+    budget = lambda n, ctx: lm._sampling({"max_gen_toks": n, "until": []}, ctx).max_new_tokens  # noqa: E731
+    assert (budget(8, 5), budget(256, 5), budget(256, 40), budget(30, 40)) == (8, 43, 24, 24)
+    assert len(ask({"until": [], "max_gen_toks": 256})) == 2  # asks for more than the window holds: no error
 
 
 def test_generate_stage_streams_and_writes_generations(checkpoint, tmp_path, tokenizer):
