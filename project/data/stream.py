@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from itertools import count, islice
 from typing import Any
 
 import numpy as np
@@ -121,20 +121,24 @@ def stream_documents(dataset: Any, streams: int, stream: int) -> Any:
 class StreamBatches(IterableDataset):
     """One rank's training batches `(inputs, targets, {"stream", "position"})`. Worker w reads stream
     (w + phase) % streams, so a resumed DataLoader, which starts again at worker 0, continues the round robin of
-    streams where the interrupted one stopped."""
+    streams where the interrupted one stopped. With `remaining` (the rank's batches still to train on), the
+    workers stop after them: Lightning fetches one batch beyond the last step, which a dataset holding just
+    enough tokens does not have."""
 
     def __init__(self, dataset: Any, tokenizer_json: str, text_field: str, val_fraction: float, seq_len: int,
-                 batch_size: int, streams: int, starts: Mapping[int, Mapping[str, Any]], phase: int) -> None:  # fmt: skip
+                 batch_size: int, streams: int, starts: Mapping[int, Mapping[str, Any]], phase: int,
+                 remaining: int | None = None) -> None:  # fmt: skip
         self.dataset, self.tokenizer_json, self.text_field = dataset, tokenizer_json, text_field
         self.val_fraction, self.seq_len, self.batch_size = val_fraction, seq_len, batch_size
-        self.streams, self.starts, self.phase = streams, dict(starts), phase
+        self.streams, self.starts, self.phase, self.remaining = streams, dict(starts), phase, remaining
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
         info = get_worker_info()
         workers = 1 if info is None else info.num_workers
         if workers != self.streams:
             raise RuntimeError(f"{workers} dataloader workers for {self.streams} streams: a bug")
-        stream = ((0 if info is None else info.id) + self.phase) % self.streams
+        worker = 0 if info is None else info.id
+        stream = (worker + self.phase) % self.streams
         dataset = stream_documents(self.dataset, self.streams, stream)
         start = self.starts.get(stream)
         if start is not None and start["state"] is not None:
@@ -142,7 +146,9 @@ class StreamBatches(IterableDataset):
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         chunks = token_chunks(dataset, tokenizer, self.text_field, self.val_fraction, "train", start)
         windows = pack(chunks, self.seq_len, 0 if start is None else start["offset"])
-        while True:
+        # The DataLoader hands out batch i of the rank from worker i % streams.
+        turns = count() if self.remaining is None else range(worker, self.remaining, self.streams)
+        for _ in turns:
             batch = list(islice(windows, self.batch_size))
             if len(batch) < self.batch_size:
                 read = batch[-1][1]["documents_read"] if batch else (start or {}).get("documents_read", 0)
@@ -272,10 +278,14 @@ class StreamingDataModule(TokenDataModule):
             mine = self._resumed["ranks"][rank]
             self._batches, self._positions = int(mine["batches"]), {int(k): v for k, v in mine["streams"].items()}
             self._resumed = None
+        trainer = self.trainer
+        remaining = None
+        if trainer is not None and trainer.max_steps > 0:
+            remaining = trainer.max_steps * trainer.accumulate_grad_batches - self._batches
         batches = StreamBatches(
             split_dataset_by_node(self.dataset, rank=rank, world_size=world), self.tokenizer.to_str(),
             self.text_field, self.val_fraction, self.seq_len, self.batch_size, streams, self._positions,
-            phase=self._batches % streams,
+            phase=self._batches % streams, remaining=remaining,
         )  # fmt: skip
         return DataLoader(batches, batch_size=None, num_workers=0 if self.num_workers == 0 else streams,
                           pin_memory=torch.cuda.is_available())  # fmt: skip
