@@ -55,11 +55,7 @@ def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, An
     go to this stage's run dir. Benchmarks named on the command line must be available."""
     if not cfg.eval.enabled:
         raise ConfigError("stage=eval with eval.enabled=false has nothing to do: drop eval.enabled=false")
-    if not cfg.ckpt_path:
-        raise ConfigError("stage=eval needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
-    source = Path(cfg.ckpt_path).resolve()
-    if not source.exists():
-        raise MissingCheckpointError(f"checkpoint {source} does not exist")
+    source = given_checkpoint(cfg)
     checkpoint = single_file_checkpoint(source)
     read_checkpoint(checkpoint)  # a clear error for an unreadable file before any benchmark loads
     owner = source.parent.parent
@@ -72,6 +68,16 @@ def evaluate(cfg: DictConfig, explicit_benchmarks: bool = False) -> dict[str, An
         summary["eval"] = results
         atomic_write_json(summary_path, summary)
     return results
+
+
+def given_checkpoint(cfg: DictConfig) -> Path:
+    """The existing checkpoint (file or sharded folder) that `ckpt_path` names for this stage, resolved."""
+    if not cfg.ckpt_path:
+        raise ConfigError(f"stage={cfg.stage} needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
+    source = Path(cfg.ckpt_path).resolve()
+    if not source.exists():
+        raise MissingCheckpointError(f"checkpoint {source} does not exist")
+    return source
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -111,16 +117,12 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     from project.generate import HostTables, SamplingSettings, generate_text, resolve_device
 
     g = cfg.generate
-    if not cfg.ckpt_path:
-        raise ConfigError("stage=generate needs ckpt_path=PATH (a .ckpt file, or a sharded checkpoint folder)")
+    source = given_checkpoint(cfg)
     prompts = read_prompts(cfg.prompt, g.prompts_file)
     settings = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                 top_p=g.top_p, seed=g.seed)  # fmt: skip
     if g.batch_size < 1:
         raise ConfigError(f"generate.batch_size must be >= 1, got {g.batch_size}")
-    source = Path(cfg.ckpt_path).resolve()
-    if not source.exists():
-        raise MissingCheckpointError(f"checkpoint {source} does not exist")
     device = resolve_device(g.device)
     loaded = load_model(single_file_checkpoint(source), "cpu" if g.host_tables else device)
     host = HostTables(loaded.model, device) if g.host_tables else None
