@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from project.config import ConfigError, UserError
 from project.data.hf import load_hf_dataset
+from project.data.inputs import split_of
 from project.data.module import TokenDataModule
 from project.data.shards import encode_pieces, piece_batches
 from project.data.source import check_fraction
@@ -65,15 +66,14 @@ def token_chunks(dataset: Any, tokenizer: Tokenizer, text_field: str, val_fracti
         if text_field not in records:
             raise ConfigError(f"dataset {dataset.info.dataset_name or ''}: no field {text_field!r} (fields: "
                               f"{sorted(records)}); set data.source.text_field")  # fmt: skip
-        texts = [text for text in records[text_field] if text]  # a null or empty text is no document, as in the cache
+        # A null or empty text is no document, as in the cache; the other split's documents are never encoded.
+        texts = [text for text in records[text_field] if text and split_of(text, val_fraction) == split]
         parts: list[np.ndarray] = []
         starts: list[int] = []
         length = 0
         for items, pieces in piece_batches(((None, text) for text in texts), val_fraction):
             ids = encode_pieces(tokenizer, pieces, [first for _, first, _, _ in items], np.dtype(np.int64))
-            for (piece_split, first, last, _), piece_ids in zip(items, ids):
-                if piece_split != split:
-                    continue
+            for (_, first, last, _), piece_ids in zip(items, ids):
                 if first:
                     starts.append(length)
                 parts += [piece_ids, np.array([eos])] if last else [piece_ids]
