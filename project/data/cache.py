@@ -24,7 +24,9 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from project.data.source import SPLITS, Source
-from project.data.tokenizer import TokenizerSettings, document_pieces, eos_id, load_tokenizer, pieces, train_tokenizer
+from project.data.tokenizer import (
+    TokenizerSettings, document_pieces, eos_id, load_tokenizer, pieces, train_tokenizer, vocab_size_of,
+)
 
 FORMAT_VERSION = 2  # 2: meta.json records every file's size and checksum
 ENCODE_BATCH = 512  # documents (or pieces of long ones) per encode call
@@ -202,7 +204,7 @@ def build(folder: Path, source: Source, settings: TokenizerSettings) -> dict[str
     else:
         tokenizer = load_tokenizer(settings.path)
     tokenizer.save(str(folder / "tokenizer.json"))
-    vocab_size = max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab().values()) + 1)
+    vocab_size = vocab_size_of(tokenizer)
     if settings.path is None and vocab_size < settings.vocab_size:
         log.warning("the corpus only supports a %d-token vocabulary (asked for %d)", vocab_size, settings.vocab_size)
     eos = eos_id(tokenizer)

@@ -47,7 +47,9 @@ from project.data.manifest import (
 from project.data.shards import ShardWriter, encode_in_worker, encode_pieces, init_worker, piece_batches
 from project.data.source import SPLITS, check_fraction
 from project.data.text import ENCODING_ERRORS
-from project.data.tokenizer import MAX_PIECE_CHARS, document_pieces, eos_id, load_tokenizer, train_tokenizer
+from project.data.tokenizer import (
+    MAX_PIECE_CHARS, document_pieces, eos_id, load_tokenizer, train_tokenizer, vocab_size_of,
+)
 from project.io import atomic_write_bytes, atomic_write_json
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files for 10B tokens, little redone after a kill
@@ -84,7 +86,7 @@ def pretokenize(inputs: Inputs, tokenizer: str, out: str | Path, shard_tokens: i
             progress = {"plan": plan, "tokenizer_sha256": sha256_file(folder / TOKENIZER), "checkpoints": []}
             atomic_write_json(folder / PROGRESS, progress)
         tok = load_tokenizer(folder / TOKENIZER)
-        vocab_size = max(tok.get_vocab_size(), max(tok.get_vocab().values()) + 1)
+        vocab_size = vocab_size_of(tok)
         dtype = token_dtype(vocab_size)
         writer = ShardWriter(folder, progress, dtype, eos_id(tok), shard_tokens)
         start = time.perf_counter()

@@ -32,12 +32,11 @@ from project.data.inputs import split_of
 from project.data.module import TokenDataModule
 from project.data.shards import encode_pieces, piece_batches
 from project.data.source import check_fraction
-from project.data.tokenizer import eos_id, load_tokenizer
+from project.data.tokenizer import TOKENIZER_KEYS, eos_id, load_tokenizer, vocab_size_of
 
 log = logging.getLogger(__name__)
 
 DOCS_PER_READ = 64  # records read (and tokenised) at a time; a resume re-reads at most one such chunk
-TOKENIZER_KEYS = {"path", "vocab_size", "min_frequency"}
 SOURCE_KEYS = {"name", "config", "split", "text_field", "val_fraction"}
 
 
@@ -218,12 +217,11 @@ class StreamingDataModule(TokenDataModule):
         self._tokenizer = load_tokenizer(self.tokenizer_path)
         self.dataset = load_hf_dataset(self.name, self.config, self.split, streaming=True)
         self.streams = self._count_streams()
-        vocab = self._tokenizer.get_vocab()
         self._meta = {
             "kind": "hf_stream",
             "source": {"name": self.name, "config": self.config, "split": self.split, "text_field": self.text_field,
                        "val_fraction": self.val_fraction, "streams": self.streams},  # fmt: skip
-            "vocab_size": max(self._tokenizer.get_vocab_size(), max(vocab.values()) + 1),
+            "vocab_size": vocab_size_of(self._tokenizer),
             "eos_id": eos_id(self._tokenizer),
             "train_tokens": None,
             "train_documents": None,

@@ -19,6 +19,14 @@ MAX_PIECE_CHARS = 2**18  # longer documents are tokenized in pieces: ~140 bytes 
 _RUN_START = re.compile(r"(?<=\S)\s")  # the first whitespace character after a word
 
 
+TOKENIZER_KEYS = frozenset({"vocab_size", "path", "min_frequency"})  # the data.tokenizer settings
+
+
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """Rows an embedding needs for every id the tokenizer can produce (ids may exceed its reported size)."""
+    return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab().values()) + 1)
+
+
 @dataclass(frozen=True)
 class TokenizerSettings:
     """The `data.tokenizer` config: train a BPE of `vocab_size`, or load the tokenizer.json at `path`."""
@@ -30,7 +38,7 @@ class TokenizerSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> TokenizerSettings:
         config = dict(config or {})
-        unknown = set(config) - {"vocab_size", "path", "min_frequency"}
+        unknown = set(config) - TOKENIZER_KEYS
         if unknown:
             raise TypeError(f"unknown tokenizer settings {sorted(unknown)}; expected vocab_size, path, min_frequency")
         settings = cls(**config)

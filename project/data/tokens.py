@@ -18,11 +18,10 @@ from project.config import ConfigError
 from project.data.manifest import TOKENIZER, PretokenizedDataError, content_digest, load_manifest
 from project.data.module import TokenDataModule
 from project.data.source import SPLITS
-from project.data.tokenizer import load_tokenizer
+from project.data.tokenizer import TOKENIZER_KEYS, load_tokenizer
 from project.data.windows import window_count
 
 MAX_OPEN_SHARDS = 64  # memmaps kept open per process (each holds a file descriptor)
-TOKENIZER_KEYS = {"path", "vocab_size", "min_frequency"}
 
 
 class ShardedTokenWindows(Dataset[torch.Tensor]):
