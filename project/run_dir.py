@@ -258,8 +258,8 @@ def check_loggers(chosen: Mapping[str, Any] | None) -> None:
 
 def build_loggers(chosen: Mapping[str, Any] | None, run_dir: Path, resume_step: int = 0) -> list[Logger]:
     """The run's loggers: RunCSVLogger's metrics.csv always (first: summary and report read it), then every other
-    logger chosen with `logger=` (a `logger` config group entry each, `_target_` a Lightning logger)."""
-    check_loggers(chosen)
+    logger chosen with `logger=` (a `logger` config group entry each, `_target_` a Lightning logger); the train stage
+    has checked their packages with `check_loggers` before preparing data."""
     loggers: list[Logger] = [RunCSVLogger(run_dir, resume_step)]
     for name, settings in (chosen or {}).items():
         if name == "csv":
