@@ -14,10 +14,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from project.config import USER_ERROR
+
 # Noise from Lightning 2.6 on torch 2.13, not actionable by users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-USER_ERROR = 2
 
 
 def exit_with(message: str, status: int) -> None:

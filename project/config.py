@@ -19,6 +19,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
+USER_ERROR = 2  # the exit status of a command line that stops on a UserError
+
+
 class UserError(Exception):
     """A mistake in the user's settings or files: `run.py` prints its message alone and exits with status 2
     (every other exception is a bug and keeps its traceback)."""

@@ -31,7 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from project.config import ConfigError, UserError
+from project.config import USER_ERROR, ConfigError, UserError
 from project.data.cache import token_dtype
 from project.data.inputs import FileInputs, HFInputs, Inputs, documents_from, split_of
 from project.data.manifest import (
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.tokenizer_documents, args.min_frequency)  # fmt: skip
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     return 0
 
 

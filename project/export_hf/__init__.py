@@ -22,13 +22,10 @@ import torch
 from tokenizers import Tokenizer
 
 from project.checkpoint import load_model, single_file_checkpoint
-from project.config import UserError
+from project.config import USER_ERROR, UserError
 from project.data.tokenizer import EOS, eos_id
 from project.export_hf.targets import Target, choose
 from project.io import default_file_mode
-
-USER_ERROR = 2  # the exit status run.py uses for a user error
-
 
 class ExportError(UserError, ValueError):
     """An export that cannot start: the output folder is in the way."""
