@@ -58,8 +58,10 @@ def _check_same(device_of: torch.Tensor, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device}, expected {device_of.device}")
 
 
-def jtok_gate(m_ND, ids_N, table_VD, scale_D, eps: float, residual_ND=None, validate: bool = True):
-    """JTok's gated FFN update (optionally plus the residual); see `reference.jtok_gate`."""
+def jtok_gate(m_ND, ids_N, table_VD, scale_D, eps: float, residual_ND=None, validate: bool = True,
+              sparse_grad: bool = False):  # fmt: skip
+    """JTok's gated FFN update (optionally plus the residual); see `reference.jtok_gate`. With
+    `sparse_grad` the table's gradient is row-sparse (`reference.row_sparse_grad`)."""
     if validate:
         if m_ND.dim() != 2 or ids_N.shape != m_ND.shape[:1] or table_VD.shape[1] != m_ND.shape[1]:
             raise ValueError(
@@ -69,11 +71,13 @@ def jtok_gate(m_ND, ids_N, table_VD, scale_D, eps: float, residual_ND=None, vali
             raise ValueError(f"jtok_gate: scale has shape {tuple(scale_D.shape)}, expected ({m_ND.shape[1]},)")
         _check_same(m_ND, ids=ids_N, table=table_VD, scale=scale_D)
         check_ids(ids_N, table_VD.shape[0], "JTok table")
-    return _pick("jtok_gate", m_ND.device)(m_ND, ids_N, table_VD, scale_D, eps, residual_ND)
+    return _pick("jtok_gate", m_ND.device)(m_ND, ids_N, table_VD, scale_D, eps, residual_ND, sparse_grad)
 
 
-def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float, eps: float, validate: bool = True):
-    """JTok-M's residual term from K routed tables; see `reference.jtok_m_mix`."""
+def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float, eps: float, validate: bool = True,
+               sparse_grad: bool = False):  # fmt: skip
+    """JTok-M's residual term from K routed tables; see `reference.jtok_m_mix`. With `sparse_grad` the
+    tables' gradient is row-sparse over (table, id) pairs (`reference.row_sparse_grad`)."""
     if validate:
         n_tables, _, d = tables_EVD.shape
         if topk_idx_NK.shape != topk_w_NK.shape or topk_idx_NK.shape[0] != ids_N.shape[0]:
@@ -86,7 +90,9 @@ def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float,
         _check_same(tables_EVD, ids=ids_N, topk_idx=topk_idx_NK, topk_w=topk_w_NK, scale=scale_D)
         check_ids(ids_N, tables_EVD.shape[1], "JTok-M table")
         check_ids(topk_idx_NK, n_tables, "JTok-M pool")
-    return _pick("jtok_m_mix", tables_EVD.device)(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps)
+    return _pick("jtok_m_mix", tables_EVD.device)(
+        ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps, sparse_grad
+    )
 
 
 def moe_experts(x_ND, topk_idx_NK, topk_w_NK, w_gate_EDF, w_up_EDF, w_down_EFD, validate: bool = True):

@@ -11,6 +11,43 @@ import torch
 import torch.nn.functional as F
 
 
+def sparse_rows(rows_U: torch.Tensor, values_UD: torch.Tensor, table_shape: torch.Size) -> torch.Tensor:
+    """A table gradient holding only the touched rows: a coalesced sparse COO tensor of `table_shape`
+    (`[V, d]` or `[n_e, V, d]`) whose entries are the rows `rows_U` (sorted, unique, indexing the
+    table's rows flattened to `[-1, d]`) with values `values_UD`."""
+    indices = torch.stack(torch.unravel_index(rows_U, tuple(table_shape[:-1])))
+    return torch.sparse_coo_tensor(indices, values_UD, table_shape, is_coalesced=True, check_invariants=False)
+
+
+def row_sparse_grad(keys: torch.Tensor, grad_rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The row-sparse gradient of `table.view(-1, d)[keys]`: each touched row once, its slots summed."""
+    d = table.shape[-1]
+    rows_U, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    values_UD = grad_rows.new_zeros(rows_U.numel(), d).index_add_(0, inverse, grad_rows.reshape(-1, d))
+    return sparse_rows(rows_U, values_UD.to(table.dtype), table.shape)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`table.view(-1, d)[keys]` with a row-sparse table gradient (`row_sparse_grad`): no `[V, d]` buffer."""
+
+    @staticmethod
+    def forward(ctx, table, keys):
+        ctx.save_for_backward(keys, table)
+        return table.reshape(-1, table.shape[-1])[keys]
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, table = ctx.saved_tensors
+        return row_sparse_grad(keys, grad, table), None
+
+
+def gather_rows(table: torch.Tensor, keys: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
+    """Rows `keys` of the table flattened to `[-1, d]`; its gradient is dense or row-sparse."""
+    if sparse_grad and torch.is_grad_enabled() and table.requires_grad:
+        return _GatherRows.apply(table, keys)
+    return table.reshape(-1, table.shape[-1])[keys]
+
+
 def jtok_gate(
     m_ND: torch.Tensor,
     ids_N: torch.Tensor,
@@ -18,9 +55,11 @@ def jtok_gate(
     scale_D: torch.Tensor,
     eps: float,
     residual_ND: torch.Tensor | None = None,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
-    """JTok: `m * (1 + s * u / (||u|| + eps))` with `u = E[ids]`, plus `residual` when given."""
-    u_ND = table_VD[ids_N]
+    """JTok: `m * (1 + s * u / (||u|| + eps))` with `u = E[ids]`, plus `residual` when given.
+    With `sparse_grad` the table's gradient is row-sparse (`row_sparse_grad`)."""
+    u_ND = gather_rows(table_VD, ids_N, sparse_grad)
     unit_ND = u_ND / (u_ND.norm(dim=-1, keepdim=True) + eps)
     out_ND = m_ND * (1.0 + scale_D * unit_ND)
     return out_ND if residual_ND is None else residual_ND + out_ND
@@ -34,9 +73,12 @@ def jtok_m_mix(
     scale_D: torch.Tensor,
     alpha: float,
     eps: float,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
-    """JTok-M residual `alpha * s * e / (||e|| + eps)` with `e = sum_k w_k * E_{idx_k}[ids]`."""
-    rows_NKD = tables_EVD[topk_idx_NK, ids_N[:, None]]
+    """JTok-M residual `alpha * s * e / (||e|| + eps)` with `e = sum_k w_k * E_{idx_k}[ids]`.
+    With `sparse_grad` the tables' gradient is row-sparse over (table, id) pairs (`row_sparse_grad`)."""
+    keys_NK = topk_idx_NK.to(torch.int64) * tables_EVD.shape[1] + ids_N.to(torch.int64)[:, None]
+    rows_NKD = gather_rows(tables_EVD, keys_NK, sparse_grad)
     e_ND = (topk_w_NK.unsqueeze(-1).to(rows_NKD.dtype) * rows_NKD).sum(dim=1)
     return alpha * scale_D * (e_ND / (e_ND.norm(dim=-1, keepdim=True) + eps))
 

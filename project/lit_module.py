@@ -15,6 +15,7 @@ from project.accounting import flops_per_token, param_counts
 from project.config import ModelConfig, UserError
 from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
+from project.table_optim import all_gather_row_grads, clip_grad_norm_, clip_grad_value_
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -34,6 +35,13 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": dict(optim or {}), "parallel": parallel})
         self.parallel = dict(parallel or {})
         self.model = Transformer(self.model_cfg)
+        if self.optim_cfg.row_sparse_tables:
+            for table in self.model.token_tables():
+                table.sparse_grad = True
+            # DDP must not all-reduce these (it would densify them): `all_gather_row_grads` exchanges their rows.
+            self._ddp_params_and_buffers_to_ignore = [
+                name for name, p in self.named_parameters() if any(p is t.weight for t in self.model.token_tables())
+            ]
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None  # travels inside checkpoints so they are self-contained
         self.data_identity: dict[str, Any] | None = None  # the data a checkpoint was trained on (checked on resume)
@@ -54,7 +62,7 @@ class LMModule(L.LightningModule):
             return  # Lightning calls this again for every trainer.fit / validate
         from project.parallel import apply_fsdp
 
-        apply_fsdp(self.model, self.device_mesh, **self.parallel)
+        apply_fsdp(self.model, self.device_mesh, **self.parallel, row_sparse_tables=self.optim_cfg.row_sparse_tables)
         self._sharded = True
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -80,7 +88,19 @@ class LMModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self.optim_cfg.row_sparse_tables and self.trainer.world_size > 1:
+            all_gather_row_grads([t.weight for t in self.model.token_tables()])
         self.model.update_router_biases()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except that row-sparse table gradients count in the norm (torch's cannot)."""
+        if not self.optim_cfg.row_sparse_tables or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            clip_grad_value_(params, gradient_clip_val)
+        else:
+            clip_grad_norm_(params, gradient_clip_val)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         ce, _, n_tokens = self._losses(batch)
@@ -106,6 +126,7 @@ class LMModule(L.LightningModule):
         checkpoint["train_tokens"] = self.train_tokens
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_table_optimizer(checkpoint, self.optim_cfg.table_optimizer)
         # The run's own tokenizer and data stay: resume has already checked that the checkpoint's are the same.
         if self.tokenizer_json is None:
             self.tokenizer_json = checkpoint.get("tokenizer_json")
@@ -116,6 +137,19 @@ class LMModule(L.LightningModule):
     def stats(self) -> dict[str, Any]:
         """Parameter counts and FLOPs per token of this model (analytic)."""
         return {"params": param_counts(self.model_cfg), "flops_per_token": flops_per_token(self.model_cfg)}
+
+
+def check_table_optimizer(checkpoint: Mapping[str, Any], wanted: str) -> None:
+    """Refuse to resume a checkpoint whose table optimizer (and so optimizer state) differs from the run's."""
+    for state in checkpoint.get("optimizer_states") or []:
+        for group in state.get("param_groups", []):
+            if group.get("name") == "tables":
+                saved = group.get("table_optimizer") or "adamw"
+                if saved != wanted:
+                    raise UserError(
+                        f"the checkpoint's token tables were trained with optim.table_optimizer={saved}, this run "
+                        f"asks for {wanted}: their optimizer states differ; resume with optim.table_optimizer={saved}"
+                    )
 
 
 def perplexity(loss: float) -> float:

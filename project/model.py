@@ -178,6 +178,9 @@ class TokenTable(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(*shape))
         self.init_std = init_std
+        # True: backward yields only the touched rows, as a sparse COO gradient (set by the training module when
+        # `optim.table_optimizer` is a row-sparse optimizer, project/table_optim.py).
+        self.sparse_grad = False
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
@@ -208,7 +211,9 @@ class JTok(nn.Module):
                 table_VD: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """`table_VD` replaces the own table with rows gathered ahead (then `ids_N` index those)."""
         table_VD = self.table.rows() if table_VD is None else table_VD
-        return kernels.jtok_gate(m_ND, ids_N, table_VD, self.scale, self.eps, residual_ND=h_ND, validate=False)
+        out_ND = kernels.jtok_gate(m_ND, ids_N, table_VD, self.scale, self.eps, residual_ND=h_ND, validate=False,
+                                   sparse_grad=self.table.sparse_grad)  # fmt: skip
+        return out_ND.to(h_ND.dtype)  # a table kept out of mixed precision (row-sparse under FSDP) stays fp32
 
 
 class JTokM(nn.Module):
@@ -235,7 +240,7 @@ class JTokM(nn.Module):
             aux = self.aux_coef * switch_aux_loss(g_NE.softmax(-1), topk_idx_NK)
         r_ND = kernels.jtok_m_mix(
             ids_N, tables_EVD, topk_idx_NK, topk_w_NK.to(tables_EVD.dtype), self.scale,
-            self.alpha, self.eps, validate=False,
+            self.alpha, self.eps, validate=False, sparse_grad=self.tables.sparse_grad,
         )
         return r_ND.to(x_norm_ND.dtype), aux
 
@@ -339,6 +344,10 @@ class Transformer(nn.Module):
         if last_only:
             h_BTD = h_BTD[:, -1:]
         return ModelOutput(self.lm_head(self.norm(h_BTD)), aux)
+
+    def token_tables(self) -> list[TokenTable]:
+        """Every layer's token-indexed table (JTok) or pool of tables (JTok-M)."""
+        return [m for m in self.modules() if isinstance(m, TokenTable)]
 
     def update_router_biases(self) -> None:
         """Apply the aux-loss-free bias step of every MoE layer (call once per optimizer step)."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from project.config import ConfigError, settings_from_dict
+from project.table_optim import STATE_DTYPES, TABLE_OPTIMIZERS, AdamWWithRowSparseTables
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -26,6 +27,10 @@ class OptimConfig:
     # at 1x, s_l barely moves from its initial value in short runs.
     table_lr_mult: float = 10.0
     table_weight_decay: float = 0.0
+    # adamw: dense table gradients and AdamW; adam / rowwise_adam: row-sparse gradients and an update of the
+    # touched rows only (project/table_optim.py), so a step's cost does not grow with V or n_e.
+    table_optimizer: str = "adamw"
+    table_state_dtype: str = "float32"  # the row-sparse optimizers' state: float32 | bfloat16
     scale_lr_mult: float = 10.0
     schedule: str = "cosine"
     warmup_steps: int | float = 0.05  # an int is steps, a float in [0, 1) a fraction of max_steps
@@ -37,9 +42,18 @@ class OptimConfig:
         cfg = settings_from_dict(cls, {k: (tuple(v) if k == "betas" else v) for k, v in values.items()}, "optim")
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if cfg.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ConfigError(f"optim.table_optimizer={cfg.table_optimizer!r} is not one of {', '.join(TABLE_OPTIMIZERS)}")
+        if cfg.table_state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"optim.table_state_dtype={cfg.table_state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
         if not 0.0 <= cfg.decay_fraction <= 1.0:
             raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
         return cfg
+
+    @property
+    def row_sparse_tables(self) -> bool:
+        """Whether the token tables train on row-sparse gradients (any table optimizer but dense adamw)."""
+        return self.table_optimizer != "adamw"
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -67,7 +81,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     settings = {
         "matrices": dict(lr_mult=1.0, weight_decay=cfg.weight_decay),
         "no_decay": dict(lr_mult=1.0, weight_decay=0.0),
-        "tables": dict(lr_mult=cfg.table_lr_mult, weight_decay=cfg.table_weight_decay),
+        "tables": dict(lr_mult=cfg.table_lr_mult, weight_decay=cfg.table_weight_decay,
+                       **(dict(table_optimizer=cfg.table_optimizer, state_dtype=cfg.table_state_dtype)
+                          if cfg.row_sparse_tables else {})),
         "scales": dict(lr_mult=cfg.scale_lr_mult, weight_decay=0.0),
     }
     return [
@@ -96,9 +112,11 @@ def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int):
-    """AdamW over `param_groups` with a LambdaLR following `lr_factor`."""
+    """AdamW over `param_groups` (the tables' group row-sparse with `table_optimizer` adam / rowwise_adam)
+    with a LambdaLR following `lr_factor`."""
     groups = param_groups(model, cfg)
     fused = all(p.is_cuda for g in groups for p in g["params"]) or None
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    optimizer = AdamWWithRowSparseTables if cfg.row_sparse_tables else torch.optim.AdamW
+    opt = optimizer(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, max_steps, cfg))
     return opt, sched

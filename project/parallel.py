@@ -28,6 +28,7 @@ def apply_fsdp(
     param_dtype: str | None = "auto",
     reduce_dtype: str | None = "float32",
     cpu_offload: bool = False,
+    row_sparse_tables: bool = False,
 ) -> Transformer:
     """Shard `model` in place with FSDP2 over the mesh's data-parallel dimension.
 
@@ -41,14 +42,21 @@ def apply_fsdp(
       the root unit, since FSDP2 cannot split one parameter across two units;
     - the root module (everything left).
     `param_dtype="auto"` computes in bf16 on GPU and fp32 on CPU; gradients reduce in `reduce_dtype`.
+    With `row_sparse_tables`, the token tables stay out of FSDP (whole on every rank, in fp32): their sparse
+    gradients are exchanged row by row (`project.table_optim.all_gather_row_grads`), never reduce-scattered.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
     device_type = mesh.device_type
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype(param_dtype, device_type), reduce_dtype=compute_dtype(reduce_dtype, device_type))
+    tables = {t.weight for t in model.token_tables()} if row_sparse_tables else set()
+    if tables and device_type == "cuda":  # FSDP moves the parameters it manages to the device, not these
+        for table in model.token_tables():
+            table.weight.data = table.weight.data.to(torch.device("cuda", torch.cuda.current_device()))
     common: dict[str, Any] = dict(
-        mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+        ignored_params=tables or None,
     )
     for block in model.layers:
         for modulator in (block.jtok, block.jtok_m):
