@@ -3,7 +3,8 @@
 Forward: one program per block of rows gathers the table rows, normalises them and gates m (the
 residual add is fused). Backward: the same row blocks produce dm, the per-token row gradient du and
 per-block partial sums of ds (summed afterwards: deterministic, no atomics); du is then reduced per
-unique id by `dedup_rows.segment_sum_rows` into the dense [V, d] table gradient.
+unique id by `dedup_rows.segment_sum_rows` into the dense [V, d] table gradient, or with `sparse_grad`
+by `dedup_rows.sparse_table_grad` into a row-sparse one (`reference.row_sparse_grad`; no [V, d] buffer).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.dedup_rows import segment_sum_rows
+from kernels.ops.dedup_rows import segment_sum_rows, sparse_table_grad
 
 
 def row_block(D: int) -> tuple[int, int]:
@@ -90,7 +91,7 @@ def _jtok_gate_bwd_kernel(
 
 class JTokGateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, m_ND, ids_N, table_VD, scale_D, eps, residual_ND):
+    def forward(ctx, m_ND, ids_N, table_VD, scale_D, eps, residual_ND, sparse_grad):
         m_ND, ids_N, table_VD, scale_D = m_ND.contiguous(), ids_N.contiguous(), table_VD.contiguous(), scale_D.contiguous()
         has_res = residual_ND is not None
         out_dtype = torch.promote_types(torch.promote_types(m_ND.dtype, table_VD.dtype), scale_D.dtype)
@@ -108,7 +109,7 @@ class JTokGateFunction(torch.autograd.Function):
                 eps, HAS_RESIDUAL=has_res, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D),
             )
         ctx.save_for_backward(m_ND, ids_N, table_VD, scale_D, norm_N)
-        ctx.eps = eps
+        ctx.eps, ctx.sparse_grad = eps, sparse_grad
         ctx.res_dtype = residual_ND.dtype if has_res else None
         return out_ND
 
@@ -128,12 +129,16 @@ class JTokGateFunction(torch.autograd.Function):
                 N, D, grad_ND.stride(0), m_ND.stride(0), table_VD.stride(0), dm_ND.stride(0), ctx.eps,
                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D),
             )
-        d_table = segment_sum_rows(du_ND, ids_N, table_VD.shape[0], table_VD.dtype) if ctx.needs_input_grad[2] else None
+        d_table = None
+        if ctx.needs_input_grad[2] and ctx.sparse_grad:
+            d_table = sparse_table_grad(du_ND, ids_N, table_VD)
+        elif ctx.needs_input_grad[2]:
+            d_table = segment_sum_rows(du_ND, ids_N, table_VD.shape[0], table_VD.dtype)
         d_scale = ds_part_PD.sum(0).to(scale_D.dtype)
         d_res = grad_ND.to(ctx.res_dtype) if ctx.res_dtype is not None else None
-        return dm_ND, None, d_table, d_scale, None, d_res
+        return dm_ND, None, d_table, d_scale, None, d_res, None
 
 
-def jtok_gate(m_ND, ids_N, table_VD, scale_D, eps: float, residual_ND=None):
+def jtok_gate(m_ND, ids_N, table_VD, scale_D, eps: float, residual_ND=None, sparse_grad: bool = False):
     """Triton `reference.jtok_gate`."""
-    return JTokGateFunction.apply(m_ND, ids_N, table_VD, scale_D, eps, residual_ND)
+    return JTokGateFunction.apply(m_ND, ids_N, table_VD, scale_D, eps, residual_ND, sparse_grad)

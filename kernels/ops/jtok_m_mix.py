@@ -4,7 +4,8 @@ Forward: one program per block of rows loops over the K selected tables, gathers
 rows in fp32 and normalises; e is never written. Backward recomputes e (K more gathers rather than
 keeping an [N, d] fp32 activation), forms de once, then a second pass over the K rows gives dw_k =
 <de, E_k[id]>; the table gradient w_k * de is reduced per unique (table, id) pair by
-`dedup_rows.segment_sum_rows`, reading de and w directly (no [N*K, d] buffer).
+`dedup_rows.segment_sum_rows`, reading de and w directly (no [N*K, d] buffer); with `sparse_grad`,
+`dedup_rows.sparse_table_grad` returns only the touched (table, id) rows (no [n_e*V, d] buffer).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.dedup_rows import segment_sum_rows
+from kernels.ops.dedup_rows import segment_sum_rows, sparse_table_grad
 from kernels.ops.jtok_gate import _token_tile, num_warps_for, row_block
 
 
@@ -73,7 +74,7 @@ def _jtok_m_mix_bwd_kernel(
 
 class JTokMMixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps):
+    def forward(ctx, ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps, sparse_grad):
         ids_N, tables_EVD, scale_D = ids_N.contiguous(), tables_EVD.contiguous(), scale_D.contiguous()
         topk_idx_NK, topk_w_NK = topk_idx_NK.contiguous(), topk_w_NK.contiguous()
         N, K = topk_idx_NK.shape
@@ -87,7 +88,7 @@ class JTokMMixFunction(torch.autograd.Function):
                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D),
             )
         ctx.save_for_backward(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D)
-        ctx.alpha, ctx.eps = alpha, eps
+        ctx.alpha, ctx.eps, ctx.sparse_grad = alpha, eps, sparse_grad
         return out_ND
 
     @staticmethod
@@ -111,10 +112,15 @@ class JTokMMixFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             keys_NK = topk_idx_NK.to(torch.int64) * V + ids_N.to(torch.int64)[:, None]
             w_NK = topk_w_NK.to(tables_EVD.dtype)  # as in the reference's mixing
-            d_tables = segment_sum_rows(de_ND, keys_NK, n_tables * V, tables_EVD.dtype, slot_scale_S=w_NK).view(n_tables, V, D)
-        return None, d_tables, None, dw_NK.to(topk_w_NK.dtype), ds_part_PD.sum(0).to(scale_D.dtype), None, None
+            if ctx.sparse_grad:
+                d_tables = sparse_table_grad(de_ND, keys_NK, tables_EVD, slot_scale_S=w_NK)
+            else:
+                d_tables = segment_sum_rows(de_ND, keys_NK, n_tables * V, tables_EVD.dtype, slot_scale_S=w_NK)
+                d_tables = d_tables.view(n_tables, V, D)
+        return None, d_tables, None, dw_NK.to(topk_w_NK.dtype), ds_part_PD.sum(0).to(scale_D.dtype), None, None, None
 
 
-def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float, eps: float):
+def jtok_m_mix(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha: float, eps: float,
+               sparse_grad: bool = False):  # fmt: skip
     """Triton `reference.jtok_m_mix`."""
-    return JTokMMixFunction.apply(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps)
+    return JTokMMixFunction.apply(ids_N, tables_EVD, topk_idx_NK, topk_w_NK, scale_D, alpha, eps, sparse_grad)
