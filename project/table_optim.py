@@ -35,7 +35,8 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
 
     Per table, the state is `exp_avg` `[R, d]`, `exp_avg_sq` `[R, d]` (adam) or `[R]` (rowwise_adam: the mean of
     the squared gradient over the row), both in the group's `state_dtype`, and `row_step` `[R]` (float32: exact to
-    2^24 updates), the number of updates of each row, which its bias correction uses. R = the table's rows."""
+    2^24 updates), the number of updates of each row, which its bias correction uses. R = the table's rows.
+    `step` counts the steps that updated the table (torch's Adam expects every state to have one)."""
 
     def __init__(self, params, **adamw_kwargs):
         super().__init__(params, **adamw_kwargs)
@@ -80,6 +81,7 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
             state["exp_avg"] = torch.zeros(n_rows, d, dtype=dtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros((n_rows,) if rowwise else (n_rows, d), dtype=dtype, device=p.device)
             state["row_step"] = torch.zeros(n_rows, dtype=torch.float32, device=p.device)
+            state["step"] = torch.zeros((), dtype=torch.float32)
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         p_RD = p.view(-1, d)
@@ -101,6 +103,7 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         state["exp_avg"].index_copy_(0, rows_U, exp_avg_UD.to(state["exp_avg"].dtype))
         state["exp_avg_sq"].index_copy_(0, rows_U, exp_avg_sq_U1.squeeze(1) if rowwise else exp_avg_sq_U1)
         state["row_step"].index_copy_(0, rows_U, step_U)
+        state["step"] += 1
 
 
 def _restore_state_dtypes(optimizer: AdamWWithRowSparseTables) -> None:
