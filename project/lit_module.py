@@ -126,7 +126,6 @@ class LMModule(L.LightningModule):
         checkpoint["train_tokens"] = self.train_tokens
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_table_optimizer(checkpoint, self.optim_cfg.table_optimizer)
         # The run's own tokenizer and data stay: resume has already checked that the checkpoint's are the same.
         if self.tokenizer_json is None:
             self.tokenizer_json = checkpoint.get("tokenizer_json")
@@ -137,19 +136,6 @@ class LMModule(L.LightningModule):
     def stats(self) -> dict[str, Any]:
         """Parameter counts and FLOPs per token of this model (analytic)."""
         return {"params": param_counts(self.model_cfg), "flops_per_token": flops_per_token(self.model_cfg)}
-
-
-def check_table_optimizer(checkpoint: Mapping[str, Any], wanted: str) -> None:
-    """Refuse to resume a checkpoint whose table optimizer (and so optimizer state) differs from the run's."""
-    for state in checkpoint.get("optimizer_states") or []:
-        for group in state.get("param_groups", []):
-            if group.get("name") == "tables":
-                saved = group.get("table_optimizer") or "adamw"
-                if saved != wanted:
-                    raise UserError(
-                        f"the checkpoint's token tables were trained with optim.table_optimizer={saved}, this run "
-                        f"asks for {wanted}: their optimizer states differ; resume with optim.table_optimizer={saved}"
-                    )
 
 
 def perplexity(loss: float) -> float:

@@ -25,6 +25,7 @@ from project.data import budget
 from project.checkpoint import AtomicCheckpointIO, is_sharded_checkpoint, read_checkpoint, single_file_checkpoint
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
+from project.optim import OptimConfig
 from project.throughput import Throughput, check_peak_flops
 from project.run_dir import (
     RunCheckpoint, TrainingInterrupted, build_loggers, check_loggers, claim_run_dir, finish_loggers, is_rank_zero,
@@ -276,11 +277,12 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     run_dir = Path(cfg.run_dir).resolve()
     check_loggers(cfg.get("logger"))  # a missing logger package fails here, not after the data is prepared
     configured_peak = check_peak_flops((cfg.get("mfu") or {}).get("peak_flops"))
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    OptimConfig.from_dict(optim)  # a bad optimizer setting fails here, not after the data is prepared
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model_cfg, plan = prepare_data(cfg)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
     tokenizer_json = datamodule.tokenizer.to_str()
     data = data_identity(cfg, datamodule, tokenizer_json)
     resume_step = check_resume(cfg.ckpt_path, model_cfg, optim, data) if cfg.ckpt_path else 0

@@ -101,7 +101,8 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         param_UD.addcdiv_(exp_avg_UD, denom * bias_correction1_U1, value=-lr)
         p_RD.index_copy_(0, rows_U, param_UD.to(p.dtype))
         state["exp_avg"].index_copy_(0, rows_U, exp_avg_UD.to(state["exp_avg"].dtype))
-        state["exp_avg_sq"].index_copy_(0, rows_U, exp_avg_sq_U1.squeeze(1) if rowwise else exp_avg_sq_U1)
+        exp_avg_sq = exp_avg_sq_U1.squeeze(1) if rowwise else exp_avg_sq_U1
+        state["exp_avg_sq"].index_copy_(0, rows_U, exp_avg_sq.to(state["exp_avg_sq"].dtype))
         state["row_step"].index_copy_(0, rows_U, step_U)
         state["step"] += 1
 
