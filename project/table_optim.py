@@ -85,23 +85,26 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         p_RD = p.view(-1, d)
-        step_U = state["row_step"][rows_U] + 1
+        # index_select / index_copy_ and in-place ops: the update makes a few passes over the [U, d] touched rows.
+        step_U = state["row_step"].index_select(0, rows_U).add_(1)
+        step_size_U1 = (lr / (1 - beta1**step_U))[:, None]
+        inv_bias_correction2_sqrt_U1 = (1 - beta2**step_U).rsqrt()[:, None]
         g_UD = grad_UD.float()
-        param_UD = p_RD[rows_U].float()
+        exp_avg_UD = state["exp_avg"].index_select(0, rows_U).float().lerp_(g_UD, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows_U).float().mul_(beta2)
+        if rowwise:  # [U]: the row's mean squared gradient
+            exp_avg_sq.add_(g_UD.square().mean(-1), alpha=1 - beta2)
+            denom = exp_avg_sq.sqrt()[:, None]
+        else:  # [U, d]
+            exp_avg_sq.addcmul_(g_UD, g_UD, value=1 - beta2)
+            denom = exp_avg_sq.sqrt()
+        denom = denom.mul_(inv_bias_correction2_sqrt_U1).add_(eps).div_(step_size_U1)
+        param_UD = p_RD.index_select(0, rows_U).float()
         if weight_decay:
             param_UD.mul_(1 - lr * weight_decay)
-        exp_avg_UD = state["exp_avg"][rows_U].float().lerp_(g_UD, 1 - beta1)
-        if rowwise:
-            exp_avg_sq_U1 = (state["exp_avg_sq"][rows_U].float() * beta2 + (1 - beta2) * g_UD.square().mean(-1))[:, None]
-        else:
-            exp_avg_sq_U1 = state["exp_avg_sq"][rows_U].float().mul_(beta2).addcmul_(g_UD, g_UD, value=1 - beta2)
-        bias_correction1_U1 = (1 - beta1**step_U)[:, None]
-        bias_correction2_sqrt_U1 = (1 - beta2**step_U).sqrt()[:, None]
-        denom = (exp_avg_sq_U1.sqrt() / bias_correction2_sqrt_U1).add_(eps)
-        param_UD.addcdiv_(exp_avg_UD, denom * bias_correction1_U1, value=-lr)
+        param_UD.addcdiv_(exp_avg_UD, denom, value=-1)
         p_RD.index_copy_(0, rows_U, param_UD.to(p.dtype))
         state["exp_avg"].index_copy_(0, rows_U, exp_avg_UD.to(state["exp_avg"].dtype))
-        exp_avg_sq = exp_avg_sq_U1.squeeze(1) if rowwise else exp_avg_sq_U1
         state["exp_avg_sq"].index_copy_(0, rows_U, exp_avg_sq.to(state["exp_avg_sq"].dtype))
         state["row_step"].index_copy_(0, rows_U, step_U)
         state["step"] += 1
