@@ -32,13 +32,14 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, keys):
-        ctx.save_for_backward(keys, table)
+        ctx.save_for_backward(keys)  # not the table: only its shape and dtype are needed
+        ctx.table = table.new_empty(()).expand(table.shape)  # a one-element stand-in of its shape and dtype
         return table.reshape(-1, table.shape[-1])[keys]
 
     @staticmethod
     def backward(ctx, grad):
-        keys, table = ctx.saved_tensors
-        return row_sparse_grad(keys, grad, table), None
+        (keys,) = ctx.saved_tensors
+        return row_sparse_grad(keys, grad, ctx.table), None
 
 
 def gather_rows(table: torch.Tensor, keys: torch.Tensor, sparse_grad: bool) -> torch.Tensor:

@@ -87,6 +87,12 @@ class LMModule(L.LightningModule):
         self.log("train_tokens", float(self.train_tokens))
         return loss
 
+    def on_fit_start(self) -> None:
+        if self.optim_cfg.row_sparse_tables and self.trainer.world_size > 1:
+            # DDP broadcasts rank 0's parameters when it wraps the model, but not the tables it ignores.
+            for table in self.model.token_tables():
+                torch.distributed.broadcast(table.weight.data, src=0)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.optim_cfg.row_sparse_tables and self.trainer.world_size > 1:
             all_gather_row_grads([t.weight for t in self.model.token_tables()])

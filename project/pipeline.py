@@ -8,7 +8,7 @@ import hashlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,10 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
     data source, tokenizer), naming every differing field; return the step it resumes from."""
     record = resume_record(ckpt_path)
     saved_model = ModelConfig.from_dict(record["hyper_parameters"]["model"]).to_dict()
-    ours = {**flatten(model_cfg.to_dict(), "model"), **flatten(optim, "optim")}
-    theirs = {**flatten(saved_model, "model"), **flatten(record["hyper_parameters"].get("optim") or {}, "optim")}
+    # Optimizer settings with their defaults filled in: a setting added since the checkpoint compares at its default.
+    ours = {**flatten(model_cfg.to_dict(), "model"), **flatten(asdict(OptimConfig.from_dict(optim)), "optim")}
+    saved_optim = asdict(OptimConfig.from_dict(record["hyper_parameters"].get("optim") or {}))
+    theirs = {**flatten(saved_model, "model"), **flatten(saved_optim, "optim")}
     if record.get("data_identity") is not None:
         ours.update(flatten(data, "data"))
         theirs.update(flatten(record["data_identity"], "data"))

@@ -46,8 +46,12 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
                     raise ValueError(f"table_optimizer {group['table_optimizer']!r} is not one of {TABLE_OPTIMIZERS[1:]}")
                 if group.get("state_dtype", "float32") not in STATE_DTYPES:
                     raise ValueError(f"state_dtype {group['state_dtype']!r} is not one of {', '.join(STATE_DTYPES)}")
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype: put the saved dtypes back.
-        self.register_load_state_dict_post_hook(_restore_state_dtypes)
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype (bf16 state of an fp32 table, fp32
+        # state of a bf16 table, the float row counts): the tables' saved state is put back exactly as it was saved.
+        self.register_load_state_dict_pre_hook(_keep_saved_table_state)
+        self.register_load_state_dict_post_hook(_restore_saved_table_state)
+        # Under fp16 AMP the GradScaler must unscale the tables' gradients (and skip overflowing steps) for us.
+        self._step_supports_amp_scaling = False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -57,8 +61,9 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
                 loss = closure()
         groups = self.param_groups
         self.param_groups = [g for g in groups if g.get("table_optimizer") is None]
-        try:
-            super().step()
+        try:  # AdamW's own step on the dense groups, without running the step hooks a second time
+            dense_step = torch.optim.AdamW.step
+            (dense_step.__wrapped__ if getattr(dense_step, "hooked", False) else dense_step)(self)
         finally:
             self.param_groups = groups
         for group in groups:
@@ -110,17 +115,18 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         state["step"] += 1
 
 
-def _restore_state_dtypes(optimizer: AdamWWithRowSparseTables) -> None:
-    for group in optimizer.param_groups:
+def _keep_saved_table_state(optimizer: AdamWWithRowSparseTables, state_dict: dict) -> None:
+    optimizer._saved_state_dict = state_dict
+
+
+def _restore_saved_table_state(optimizer: AdamWWithRowSparseTables) -> None:
+    saved = optimizer.__dict__.pop("_saved_state_dict")
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         if group.get("table_optimizer") is None:
             continue
-        dtype = STATE_DTYPES[group.get("state_dtype", "float32")]
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state:
-                state["exp_avg"] = state["exp_avg"].to(dtype)
-                state["exp_avg_sq"] = state["exp_avg_sq"].to(dtype)
-                state["row_step"] = state["row_step"].to(torch.float32)
+        for p, key in zip(group["params"], saved_group["params"]):
+            if key in saved["state"]:
+                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved["state"][key].items()}
 
 
 def _dense_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -137,15 +143,16 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     for p in sparse:
         p.grad = p.grad.coalesce()
     dense = [p.grad for p in params if not p.grad.is_sparse]
-    total_sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
+    device = (sparse or params)[0].grad.device if params else None  # offloaded dense grads may be elsewhere
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
     if dense:
-        total_sq = total_sq + _dense_norm(dense).float().square()
+        total_sq = total_sq + _dense_norm(dense).float().square().to(device)
     for p in sparse:
         total_sq = total_sq + p.grad.values().float().square().sum()
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in dense:
-        (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.dtype))
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device, g.dtype))
     for p in sparse:
         p.grad.values().mul_(coef.to(p.grad.dtype))
     return total
@@ -191,11 +198,15 @@ def all_gather_row_grads(tables: list[torch.Tensor], group=None) -> None:
     all_values = [torch.empty_like(padded_values) for _ in range(world)]
     dist.all_gather(all_keys, padded_keys, group=group)
     dist.all_gather(all_values, padded_values, group=group)
-    keys_S = torch.cat(all_keys)
-    real = keys_S >= 0
-    keys_S, values_SD = keys_S[real], torch.cat(all_values)[real] / world
-    unique_K, inverse = torch.unique(keys_S, return_inverse=True)
-    summed_KD = values_SD.new_zeros(unique_K.numel(), d).index_add_(0, inverse, values_SD)
+    unique_K, inverse_S = torch.unique(torch.cat(all_keys), return_inverse=True)
+    if unique_K.numel() and unique_K[0] < 0:  # the padding key
+        unique_K, inverse_S = unique_K[1:], inverse_S - 1
+    # Summed rank by rank, in rank order: a rank's keys are unique, so no add races (CUDA's index_add_ is
+    # atomic) and every rank computes bit-identical rows.
+    summed_KD = torch.zeros(unique_K.numel() + 1, d, device=device)  # row -1 + 1 = 0 takes the padding
+    for inverse_L, values_LD in zip(inverse_S.split(longest), all_values):
+        summed_KD.index_add_(0, inverse_L + 1, values_LD)
+    summed_KD = summed_KD[1:] / world
     from kernels.reference import sparse_rows
 
     offset = 0

@@ -350,3 +350,64 @@ def test_an_unknown_table_optimizer_fails_before_training_naming_the_valid_ones(
     with pytest.raises(ConfigError, match="optim.table_optimizer='bogus' is not one of adamw, adam, rowwise_adam"):
         train(make_cfg(*RUN, "optim.table_optimizer=bogus"))
     assert not (tmp_path / "run/checkpoints").exists() and not (tmp_path / "run/metrics.csv").exists()
+
+
+def test_a_bf16_table_s_fp32_state_and_row_counts_load_back_exactly():
+    """torch casts loaded state to the parameter's dtype; through bf16 that would round exp_avg and turn a row
+    count of 257 into 256. The optimizer keeps the saved tensors as they were."""
+    gen = torch.Generator().manual_seed(6)
+    p = torch.nn.Parameter(torch.randn(4, 8, generator=gen).to(torch.bfloat16))
+    opt = table_optimizer(p, "adam", lr=1e-3)
+    for _ in range(257):
+        p.grad = row_sparse_grad(torch.arange(4), torch.randn(4, 8, generator=gen) * 1e-3, p)
+        opt.step()
+    fresh = table_optimizer(p, "adam", lr=1e-3)
+    fresh.load_state_dict(round_trip(opt.state_dict()))
+    assert fresh.state[p]["row_step"].tolist() == [257.0] * 4
+    for key, value in opt.state[p].items():
+        assert value.dtype == fresh.state[p][key].dtype and torch.equal(fresh.state[p][key], value), key
+
+
+def test_fp16_loss_scaling_unscales_the_table_rows_and_skips_an_overflowing_step():
+    """With a GradScaler (precision 16-mixed) the scaler must unscale the sparse rows before clipping and skip a
+    step whose gradients overflowed, for the tables as for the backbone (also with fused AdamW)."""
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    t = torch.nn.Parameter(torch.randn(10, 8))
+    opt = AdamWWithRowSparseTables([{"params": [w]}, {"params": [t], "table_optimizer": "adam"}], lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ids = torch.tensor([1, 2, 2])
+    scaler.scale(w.sum() + gather_rows(t, ids, sparse_grad=True).sum()).backward()
+    scaler.unscale_(opt)
+    torch.testing.assert_close(t.grad.to_dense()[2], torch.full((8,), 2.0))  # two slots, unscaled
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    before_w, before_t = w.detach().clone(), t.detach().clone()
+    scaler.scale((w.sum() + gather_rows(t, ids, sparse_grad=True).sum()) * float("inf")).backward()
+    scaler.step(opt)
+    assert torch.equal(w.detach(), before_w) and torch.equal(t.detach(), before_t)
+
+
+def test_step_hooks_run_once_per_step_and_see_every_group():
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # torch wraps AdamW.step with its hooks once one exists
+    w, t = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5, 4))
+    opt = AdamWWithRowSparseTables([{"params": [w]}, {"params": [t], "table_optimizer": "adam"}], lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(len(o.param_groups)))
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert seen == [2]
+
+
+def test_a_checkpoint_from_before_the_table_optimizer_setting_resumes_with_the_default(monkeypatch):
+    """A checkpoint saved before `table_optimizer` / `table_state_dtype` existed compares at their defaults."""
+    import project.pipeline as pipeline
+    from project.config import ModelConfig
+
+    cfg = ModelConfig(variant="jtok", vocab_size=64)
+    optim = {"lr": 3e-3, "table_optimizer": "adamw", "table_state_dtype": "float32"}
+    record = {"hyper_parameters": {"model": cfg.to_dict(), "optim": {"lr": 3e-3}}, "global_step": 4}
+    monkeypatch.setattr(pipeline, "resume_record", lambda path: record)
+    assert pipeline.check_resume("old.ckpt", cfg, optim, {}) == 4
+    with pytest.raises(ConfigError, match="optim.table_optimizer: checkpoint 'adamw' vs config 'adam'"):
+        pipeline.check_resume("old.ckpt", cfg, {**optim, "table_optimizer": "adam"}, {})
