@@ -13,6 +13,8 @@ from project.config import ConfigError, settings_from_dict
 from project.table_optim import STATE_DTYPES, TABLE_OPTIMIZERS, AdamWWithRowSparseTables
 
 SCHEDULES = ("cosine", "wsd", "constant")
+# What a checkpoint saved before a setting existed was trained with (compared on resume).
+SETTINGS_BEFORE_THEY_EXISTED = {"table_optimizer": "adamw", "table_state_dtype": "float32"}
 
 
 @dataclass
@@ -27,9 +29,9 @@ class OptimConfig:
     # at 1x, s_l barely moves from its initial value in short runs.
     table_lr_mult: float = 10.0
     table_weight_decay: float = 0.0
-    # adamw: dense table gradients and AdamW; adam / rowwise_adam: row-sparse gradients and an update of the
-    # touched rows only (project/table_optim.py), so a step's cost does not grow with V or n_e.
-    table_optimizer: str = "adamw"
+    # adam / rowwise_adam: row-sparse gradients and an update of the touched rows only (project/table_optim.py),
+    # so a step's cost does not grow with V or n_e; adamw: dense table gradients and AdamW.
+    table_optimizer: str = "adam"
     table_state_dtype: str = "float32"  # the row-sparse optimizers' state: float32 | bfloat16
     scale_lr_mult: float = 10.0
     schedule: str = "cosine"

@@ -25,7 +25,7 @@ from project.data import budget
 from project.checkpoint import AtomicCheckpointIO, is_sharded_checkpoint, read_checkpoint, single_file_checkpoint
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
-from project.optim import OptimConfig
+from project.optim import SETTINGS_BEFORE_THEY_EXISTED, OptimConfig
 from project.throughput import Throughput, check_peak_flops
 from project.run_dir import (
     RunCheckpoint, TrainingInterrupted, build_loggers, check_loggers, claim_run_dir, finish_loggers, is_rank_zero,
@@ -105,9 +105,10 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
     data source, tokenizer), naming every differing field; return the step it resumes from."""
     record = resume_record(ckpt_path)
     saved_model = ModelConfig.from_dict(record["hyper_parameters"]["model"]).to_dict()
-    # Optimizer settings with their defaults filled in: a setting added since the checkpoint compares at its default.
+    # Optimizer settings in full: a setting added since the checkpoint compares at the value it was trained with.
     ours = {**flatten(model_cfg.to_dict(), "model"), **flatten(asdict(OptimConfig.from_dict(optim)), "optim")}
-    saved_optim = asdict(OptimConfig.from_dict(record["hyper_parameters"].get("optim") or {}))
+    saved_optim = {**SETTINGS_BEFORE_THEY_EXISTED, **(record["hyper_parameters"].get("optim") or {})}
+    saved_optim = asdict(OptimConfig.from_dict(saved_optim))
     theirs = {**flatten(saved_model, "model"), **flatten(saved_optim, "optim")}
     if record.get("data_identity") is not None:
         ours.update(flatten(data, "data"))

@@ -80,6 +80,9 @@ def two_ranks(strategy: str) -> list[str]:
     return [f"trainer={strategy}", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2"]
 
 
+DENSE = "optim.table_optimizer=adamw"  # dense table gradients here; test_distributed_tables.py covers row-sparse ones
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist_cache")
@@ -90,8 +93,8 @@ def cache(tmp_path_factory) -> Path:
     [("baseline", []), ("jtok_m", []), ("moe_jtok_m", ["model.moe_bias_update_rate=0.01"])],
 )
 def test_fsdp_matches_one_process_on_the_same_global_batch(variant, extra, cache, tmp_path):
-    single = run(tmp_path / "single", cache, f"model={variant}", "data.batch_size=4", *extra)
-    sharded = run(tmp_path / "fsdp", cache, f"model={variant}", *two_ranks("fsdp"), *extra)
+    single = run(tmp_path / "single", cache, f"model={variant}", DENSE, "data.batch_size=4", *extra)
+    sharded = run(tmp_path / "fsdp", cache, f"model={variant}", DENSE, *two_ranks("fsdp"), *extra)
     assert_same_run(tmp_path / "single", tmp_path / "fsdp")
     assert sharded["train_tokens"] == single["train_tokens"] == STEPS * 4 * 32
     assert sharded["val_loss"] == pytest.approx(single["val_loss"], rel=LOSS_RTOL)
@@ -106,7 +109,7 @@ def test_fsdp_matches_one_process_on_the_same_global_batch(variant, extra, cache
 
 
 def test_sharded_checkpoint_resumes_on_the_same_trajectory_and_consolidates(cache, tmp_path):
-    overrides = ["model=jtok_m", *two_ranks("fsdp"), "checkpoint.every_n_train_steps=3", "checkpoint.keep_all=true"]
+    overrides = ["model=jtok_m", DENSE, *two_ranks("fsdp"), "checkpoint.every_n_train_steps=3", "checkpoint.keep_all=true"]
     full = run(tmp_path / "full", cache, *overrides)
     midway = tmp_path / "full/checkpoints/step0000003.ckpt"
     assert is_sharded_checkpoint(midway)
@@ -123,7 +126,7 @@ def test_sharded_checkpoint_resumes_on_the_same_trajectory_and_consolidates(cach
 
 
 def test_consolidated_checkpoint_evaluates_on_one_process_to_the_sharded_run_s_val_loss(cache, tmp_path):
-    sharded = run(tmp_path / "fsdp", cache, "model=moe_jtok", *two_ranks("fsdp"))
+    sharded = run(tmp_path / "fsdp", cache, "model=moe_jtok", DENSE, *two_ranks("fsdp"))
     import hydra
     import lightning as L
     from hydra import compose, initialize_config_dir
@@ -142,8 +145,8 @@ def test_consolidated_checkpoint_evaluates_on_one_process_to_the_sharded_run_s_v
 
 
 def test_ddp_matches_one_process_on_the_same_global_batch(cache, tmp_path):
-    single = run(tmp_path / "single", cache, "model=moe_jtok_m", "data.batch_size=4")
-    ddp = run(tmp_path / "ddp", cache, "model=moe_jtok_m", *two_ranks("ddp"))
+    single = run(tmp_path / "single", cache, "model=moe_jtok_m", DENSE, "data.batch_size=4")
+    ddp = run(tmp_path / "ddp", cache, "model=moe_jtok_m", DENSE, *two_ranks("ddp"))
     assert_same_run(tmp_path / "single", tmp_path / "ddp")
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=LOSS_RTOL)
 

@@ -335,7 +335,7 @@ def test_gradient_accumulation_steps_the_tables_once_per_optimizer_step(make_cfg
 
 
 def test_resuming_a_dense_adamw_checkpoint_with_a_row_sparse_optimizer_is_refused(make_cfg, data_cache, tmp_path):
-    train(make_cfg(*RUN, "trainer.max_steps=3", run_dir=tmp_path / "dense"))
+    train(make_cfg(*RUN, "optim.table_optimizer=adamw", "trainer.max_steps=3", run_dir=tmp_path / "dense"))
     dense = tmp_path / "dense/checkpoints/last.ckpt"
     proc = run_py(offline_env(tmp_path / "cache"), "experiment=smoke", *RUN, "eval.enabled=false",
                   "optim.table_optimizer=adam", f"data.cache_dir={data_cache}", f"ckpt_path={dense}",
@@ -400,7 +400,8 @@ def test_step_hooks_run_once_per_step_and_see_every_group():
 
 
 def test_a_checkpoint_from_before_the_table_optimizer_setting_resumes_with_the_default(monkeypatch):
-    """A checkpoint saved before `table_optimizer` / `table_state_dtype` existed compares at their defaults."""
+    """A checkpoint saved before `table_optimizer` / `table_state_dtype` existed was trained with dense AdamW: it
+    resumes with `table_optimizer=adamw` and is refused, naming the setting, with the row-sparse default."""
     import project.pipeline as pipeline
     from project.config import ModelConfig
 
