@@ -15,7 +15,7 @@ so a batch touches a realistic few hundred rows, as text does, rather than nearl
 Each repetition times every configuration once, in turn (interleaved, so machine noise hits all alike),
 `--steps` steps each after `--warmup` untimed ones; the ratio to the baseline at the same V is taken within each
 repetition, then the median is reported with its min-max spread. `memory_mib`: on CUDA the peak allocated during
-the timed steps; on the CPU the bytes of parameters + gradients + optimizer state after a step, computed from
+the timed steps, less what the other configurations (all kept resident) hold; on the CPU the bytes of parameters + gradients + optimizer state after a step, computed from
 the tensors. `table_state_mib`: the token tables' optimizer state alone (the row-sparse optimizers' target:
 rowwise_adam's table state <= 55% of dense AdamW's). Writes <name>.csv and <name>.md (atomically), prints the table.
 """
@@ -190,13 +190,15 @@ def time_steps(trainer: Trainer, batches, steps: int) -> tuple[float, float | No
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(trainer.device)
+        # Every configuration stays resident: count only this one's tensors and what its steps add on top.
+        others = torch.cuda.memory_allocated(trainer.device) - state_bytes(trainer.model, trainer.opt)[0]
     start = time.perf_counter()
     for i in range(steps):
         trainer.step(*batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return 1000 * elapsed / steps, torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else None
+    return 1000 * elapsed / steps, (torch.cuda.max_memory_allocated(trainer.device) - others) / 2**20 if cuda else None
 
 
 def main(argv=None) -> list[dict]:
