@@ -14,8 +14,6 @@ Writes a CSV and a Markdown table (atomically) and prints the table.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import statistics
 import time
 from pathlib import Path
@@ -23,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from project.bench import write_table
 from project.config import VARIANTS, ModelConfig
 from project.generate import HostTables, SamplingSettings, generate
-from project.io import atomic_write_text
 from project.model import Transformer
 
 FIELDS = ["variant", "mode", "prefill_tok_s", "prefill_vs_baseline", "prefill_spread", "decode_tok_s",
@@ -147,24 +145,11 @@ def main(argv=None) -> list[dict]:
             "token_table_mib": round(tables / 2**20, 1),
         })  # fmt: skip
     out = Path(a.out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "generate.csv", buffer.getvalue())
     header = (f"{device.type}, {dtype}, batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
               f"V={a.vocab}, model overrides: {' '.join(a.model) or 'none'}, {a.repeats} interleaved repeats, "
               f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    table = markdown(rows, header)
-    atomic_write_text(out / "generate.md", table)
-    print(table)
+    write_table(rows, FIELDS, out, "generate", header)
     return rows
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    lines += ["| " + " | ".join(str(r[f]) for f in FIELDS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from project.bench import write_table
 from project.config import VARIANTS, ModelConfig
-from project.io import atomic_write_text
 from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
 from project.table_optim import TABLE_OPTIMIZERS, clip_grad_norm_
@@ -250,25 +248,12 @@ def result_row(case: Case, samples: dict, accounted: tuple[int, int], device: to
 def write_results(rows: list[dict], a: argparse.Namespace, device: torch.device, precision: str) -> None:
     """<name>.csv and <name>.md under --out (atomically), and the table on stdout."""
     out = Path(a.out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / f"{a.name}.csv", buffer.getvalue())
     memory = "peak allocated on CUDA" if device.type == "cuda" else "params + grads + optimizer state"
     model = ", ".join(f"{k} {v}" for k, v in QUICK_MODEL.items()) if a.quick else "configs/model/_base.yaml"
     header = (f"{device.type}, {precision}, model {model}, batch {a.batch}, seq_len {a.seq_len}, Zipf({ZIPF_EXPONENT}) "
               f"token ids, {a.warmup} warm-up + {a.repeats} interleaved repeats x {a.steps} steps, "
               f"torch threads {torch.get_num_threads()}; memory_mib: {memory}")  # fmt: skip
-    table = markdown(rows, header)
-    atomic_write_text(out / f"{a.name}.md", table)
-    print(table)
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    lines += ["| " + " | ".join(str(r[f]) for f in FIELDS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    write_table(rows, FIELDS, out, a.name, header)
 
 
 if __name__ == "__main__":
