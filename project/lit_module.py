@@ -36,8 +36,7 @@ class LMModule(L.LightningModule):
         self.parallel = dict(parallel or {})
         self.model = Transformer(self.model_cfg)
         if self.optim_cfg.row_sparse_tables:
-            for table in self.model.token_tables():
-                table.sparse_grad = True
+            self.model.use_row_sparse_grads(True)
             # DDP must not all-reduce these (it would densify them): `all_gather_row_grads` exchanges their rows.
             self._ddp_params_and_buffers_to_ignore = [
                 name for name, p in self.named_parameters() if any(p is t.weight for t in self.model.token_tables())

@@ -178,8 +178,7 @@ class TokenTable(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(*shape))
         self.init_std = init_std
-        # True: backward yields only the touched rows, as a sparse COO gradient (set by the training module when
-        # `optim.table_optimizer` is a row-sparse optimizer, project/table_optim.py).
+        # True: backward yields only the touched rows, as a sparse COO gradient (`Transformer.use_row_sparse_grads`).
         self.sparse_grad = False
 
     def reset_parameters(self) -> None:
@@ -348,6 +347,11 @@ class Transformer(nn.Module):
     def token_tables(self) -> list[TokenTable]:
         """Every layer's token-indexed table (JTok) or pool of tables (JTok-M)."""
         return [m for m in self.modules() if isinstance(m, TokenTable)]
+
+    def use_row_sparse_grads(self, sparse: bool) -> None:
+        """Make every token table's gradient row-sparse (or dense), as a row-sparse `optim.table_optimizer` needs."""
+        for table in self.token_tables():
+            table.sparse_grad = sparse
 
     def update_router_biases(self) -> None:
         """Apply the aux-loss-free bias step of every MoE layer (call once per optimizer step)."""

@@ -46,12 +46,20 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
                     raise ValueError(f"table_optimizer {group['table_optimizer']!r} is not one of {TABLE_OPTIMIZERS[1:]}")
                 if group.get("state_dtype", "float32") not in STATE_DTYPES:
                     raise ValueError(f"state_dtype {group['state_dtype']!r} is not one of {', '.join(STATE_DTYPES)}")
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype (bf16 state of an fp32 table, fp32
-        # state of a bf16 table, the float row counts): the tables' saved state is put back exactly as it was saved.
-        self.register_load_state_dict_pre_hook(_keep_saved_table_state)
-        self.register_load_state_dict_post_hook(_restore_saved_table_state)
         # Under fp16 AMP the GradScaler must unscale the tables' gradients (and skip overflowing steps) for us.
         self._step_supports_amp_scaling = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, except that the tables' state comes back exactly as saved: torch casts floating state to the
+        parameter's dtype (bf16 state of an fp32 table, fp32 state of a bf16 table, the float row counts)."""
+        super().load_state_dict(state_dict)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if group.get("table_optimizer") is None:
+                continue
+            for p, key in zip(group["params"], saved_group["params"]):
+                if key in state_dict["state"]:
+                    saved = state_dict["state"][key]
+                    self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -113,20 +121,6 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         state["exp_avg_sq"].index_copy_(0, rows_U, exp_avg_sq.to(state["exp_avg_sq"].dtype))
         state["row_step"].index_copy_(0, rows_U, step_U)
         state["step"] += 1
-
-
-def _keep_saved_table_state(optimizer: AdamWWithRowSparseTables, state_dict: dict) -> None:
-    optimizer._saved_state_dict = state_dict
-
-
-def _restore_saved_table_state(optimizer: AdamWWithRowSparseTables) -> None:
-    saved = optimizer.__dict__.pop("_saved_state_dict")
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        if group.get("table_optimizer") is None:
-            continue
-        for p, key in zip(group["params"], saved_group["params"]):
-            if key in saved["state"]:
-                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved["state"][key].items()}
 
 
 def _dense_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -175,7 +175,7 @@ def round_trip(state_dict: dict) -> dict:
 def test_state_keeps_its_dtype_and_resuming_from_a_state_dict_is_bit_identical(kind, state_dtype):
     """N steps, state_dict, then M more steps, against a fresh optimizer (on copies of the parameters) loading
     that state dict and taking the same M steps: torch.equal on parameters and state. torch's load_state_dict
-    casts floating state to the parameter's dtype (fp32); the optimizer's post-hook must put bf16 back."""
+    casts floating state to the parameter's dtype (fp32); the optimizer's load_state_dict must put bf16 back."""
     gen = torch.Generator().manual_seed(5)
     V, d, N, M = 11, 8, 3, 3
     w = torch.nn.Parameter(torch.randn(4, 5, generator=gen))
@@ -270,8 +270,7 @@ def test_clip_grad_value_clamps_the_summed_rows_of_uncoalesced_sparse_grads(dupl
 def test_two_backward_passes_accumulate_the_dense_gradient_sparsely(variant):
     """Through the model, two micro-batches: the sparse table gradient, densified, is the dense-mode gradient."""
     dense, sparse = tiny(variant), tiny(variant)
-    for table in sparse.token_tables():
-        table.sparse_grad = True
+    sparse.use_row_sparse_grads(True)
     gen = torch.Generator().manual_seed(8)
     batches = [torch.randint(0, 97, (3, 11), generator=gen) for _ in range(2)]
     for model in (dense, sparse):

@@ -140,8 +140,7 @@ class Trainer:
         torch.manual_seed(0)
         self.model = Transformer(cfg).to(device).train()
         optim_cfg = OptimConfig(table_optimizer=table_optimizer if table_optimizer != NONE else "adamw")
-        for table in self.model.token_tables():
-            table.sparse_grad = optim_cfg.row_sparse_tables
+        self.model.use_row_sparse_grads(optim_cfg.row_sparse_tables)
         self.opt, self.sched = build_optimizer(self.model, optim_cfg, max_steps)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.device, self.bf16 = device, precision == "bf16-mixed"
