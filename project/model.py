@@ -101,14 +101,24 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def expert_counts(topk_idx_NK: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of the N*K routing slots chose each of the n experts/tables, as int64 on the device.
+
+    A scatter-add into a fixed-size buffer, not `torch.bincount`: bincount's output size depends on the
+    data, so on CUDA it waits for the device (a host sync per layer) and it breaks torch.compile graphs.
+    Integer adds are exact, so the counts do not depend on the order of the atomics."""
+    flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
+    return torch.zeros(n, dtype=torch.int64, device=flat_S.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+
+
 def switch_aux_loss(probs_NE: torch.Tensor, topk_idx_NK: torch.Tensor) -> torch.Tensor:
     """Switch load-balancing term `n * sum_i f_i * P_i` (1.0 when perfectly balanced).
 
     f_i is the fraction of the N*K routing slots that chose i, P_i the mean routing probability.
     """
     n = probs_NE.shape[-1]
-    counts_E = torch.bincount(topk_idx_NK.reshape(-1), minlength=n).to(probs_NE.dtype)
-    slots = torch.tensor(float(topk_idx_NK.numel()), device=counts_E.device)
+    counts_E = expert_counts(topk_idx_NK, n).to(probs_NE.dtype)
+    slots = counts_E.sum()  # = N*K, computed on the device (a tensor built from a Python number would copy from the host)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # f is a count over the global batch (P's gradient is averaged by data parallelism), so the
         # loss equals the single-device loss on the same global batch.
@@ -147,7 +157,7 @@ class MoE(nn.Module):
             probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
             aux = self.aux_coef * switch_aux_loss(probs_NE, topk_idx_NK)
         if self.training and self.bias_rate > 0:
-            self.expert_load += torch.bincount(topk_idx_NK.reshape(-1), minlength=self.expert_load.numel())
+            self.expert_load += expert_counts(topk_idx_NK, self.expert_load.numel())
         y_ND = kernels.moe_experts(
             x_ND, topk_idx_NK, topk_w_NK.to(x_ND.dtype), self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD,
             validate=False,
