@@ -6,7 +6,8 @@ timed with `triton.testing.do_bench` and peak memory is `torch.cuda.max_memory_a
 the inputs. On CPU only the reference is a performance number (torch.utils.benchmark; peak memory
 from torch's MemTracker); the Triton rows need a GPU, and unless `--no-interpret` the kernels are
 also run once through the Triton interpreter at a tiny size, labelled as a correctness smoke run;
-on CUDA the same fp32 check of the compiled kernels is a `triton-check` row.
+on CUDA the same fp32 check of the compiled kernels is a `triton-check` row. The MoE also gets
+a `torch-grouped-mm` row: the same experts on PyTorch's grouped GEMM (`torch._grouped_mm`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 FIELDS = ["op", "mode", "impl", "device", "dtype", "tokens", "d", "ms", "peak_mib", "note"]
 MODES = ("forward", "backward", "full")
@@ -70,6 +72,23 @@ def make_case(op: str, a: argparse.Namespace, N: int, D: int, device, dtype) -> 
     idx = torch.rand(N, E).argsort(-1)[:, :K].to(device)
     w = leaf(torch.softmax(torch.randn(N, K), -1))
     return (x, idx, w, wg, wu, wd), [x, w, wg, wu, wd]
+
+
+def moe_experts_grouped_mm(x_ND, topk_idx_NK, topk_w_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """`reference.moe_experts` with PyTorch's grouped GEMM (`torch._grouped_mm`): the baseline the
+    Triton MoE must beat. Slots are sorted by expert, x rows gathered into one copy, three grouped
+    GEMMs, then each slot's output is weighted and summed per token. bf16 needs d and F multiples of 8."""
+    N, K = topk_idx_NK.shape
+    E = w_gate_EDF.shape[0]
+    flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
+    perm_S = torch.sort(flat_S, stable=True).indices
+    counts_E = torch.zeros(E, dtype=torch.int64, device=x_ND.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    xs_SD = x_ND[perm_S // K]
+    h_SF = F.silu(torch._grouped_mm(xs_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(xs_SD, w_up_EDF, offs=offs_E)
+    ys_SD = torch._grouped_mm(h_SF, w_down_EFD, offs=offs_E)
+    y_SD = torch.empty_like(ys_SD).index_copy(0, perm_S, ys_SD)
+    return (y_SD.view(N, K, -1) * topk_w_NK.to(y_SD.dtype)[..., None]).sum(1)
 
 
 def mode_fn(fn: Callable, args: tuple, leaves: list[torch.Tensor], mode: str) -> Callable[[], None]:
@@ -174,6 +193,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for op in ops:
         impls = {"reference": getattr(reference, op)}
+        if op == "moe_experts" and hasattr(torch, "_grouped_mm"):
+            impls["torch-grouped-mm"] = moe_experts_grouped_mm
         if cuda and op in OPS:
             impls["triton"] = OPS[op]
         rows += bench_rows(a, impls, op, a.tokens, a.d, device, dtype, "", timed=True)

@@ -411,5 +411,28 @@ def test_bench_writes_the_table(tmp_path, capsys):
     assert {(r["op"], r["mode"], r["impl"]) for r in rows} >= {
         (op, mode, "reference") for op in OPS for mode in ("forward", "backward", "full")
     }
-    assert all(float(r["ms"]) > 0 for r in rows if r["impl"] == "reference")
+    assert all(float(r["ms"]) > 0 for r in rows if r["impl"] in ("reference", "torch-grouped-mm"))
+    assert {r["mode"] for r in rows if r["impl"] == "torch-grouped-mm"} == {"forward", "backward", "full"}
     assert "needs a GPU" in capsys.readouterr().out
+
+
+def test_grouped_mm_moe_baseline_of_the_benchmark_matches_the_reference():
+    """The benchmark's `torch._grouped_mm` MoE computes the same function, forward and every gradient
+    (fp32 on CPU; expert 3 gets no token, so its weights' gradient must be exactly zero)."""
+    from kernels import bench
+
+    torch.manual_seed(0)
+    N, D, F, E, K = 23, 16, 24, 4, 2
+    idx = torch.stack([torch.randint(0, 3, (N,)), torch.full((N,), 0)], 1)
+    idx[:, 1] = (idx[:, 0] + 1) % 3
+    leaves = [torch.randn(N, D), torch.softmax(torch.randn(N, K), -1), torch.randn(E, D, F) / 4,
+              torch.randn(E, D, F) / 4, torch.randn(E, F, D) / 5]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    x, w, wg, wu, wd = leaves
+    got, want = bench.moe_experts_grouped_mm(x, idx, w, wg, wu, wd), reference.moe_experts(x, idx, w, wg, wu, wd)
+    assert_close("out", got, want)
+    g = torch.randn_like(want)
+    names = ["dx", "dw", "dWg", "dWu", "dWd"]
+    for name, a, b in zip(names, torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert_close(name, a, b)
+    assert torch.autograd.grad(bench.moe_experts_grouped_mm(x, idx, w, wg, wu, wd), wg, g)[0][3].abs().max() == 0
