@@ -38,7 +38,7 @@ def _segment_sum_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)  # every pointer offset is int64
     col_mask = cols < D
     key = tl.load(keys_ptr + pid)
     prev = tl.load(keys_ptr + pid - 1, mask=pid > 0, other=-1)
