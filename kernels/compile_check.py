@@ -222,11 +222,34 @@ def bad_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] in ("failed", "spill")]
 
 
+SUMMARY_FIELDS = ["arch", "dtype", "kernel", "variant", "rows", "configs", "max_regs", "max_spill_bytes", "max_shared",
+                  "statuses"]  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (arch, dtype, kernel, variant) over every shape and autotune config: the worst
+    registers, spill bytes and shared memory. The variant is the kernel's boolean constexprs (e.g.
+    DUAL, BY_RANK) except IEEE, which the dtype decides."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        flags = [kv for kv in r["config"].split() if kv.endswith(("=True", "=False")) and not kv.startswith("IEEE=")]
+        groups.setdefault((r["arch"], r["dtype"], r["kernel"], " ".join(flags)), []).append(r)
+    out = []
+    for (arch, dtype, kernel, variant), rs in groups.items():
+        num = lambda f: max((int(r[f]) for r in rs if str(r[f]).lstrip("-").isdigit()), default=0)  # noqa: E731
+        statuses = sorted({r["status"] for r in rs})
+        out.append(dict(arch=arch, dtype=dtype, kernel=kernel, variant=variant, rows=len(rs),
+                        configs=len({r["config"] for r in rs}), max_regs=num("regs"),
+                        max_spill_bytes=num("spill_bytes"), max_shared=num("shared"), statuses=" ".join(statuses)))
+    return out
+
+
 def write_rows(rows: list[dict], out: Path, header: str) -> None:
     """`out` with suffix .csv and .md, both written atomically (`project.bench.write_table`)."""
     from project.bench import write_table
 
     write_table(rows, FIELDS, out.parent, out.with_suffix("").name, header)
+    write_table(summarise(rows), SUMMARY_FIELDS, out.parent, out.with_suffix("").name + "_summary", header)
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -285,6 +308,7 @@ def main(argv=None) -> int:
     summary = summary_line(rows, args.max_spill_bytes, f"{len(all_cases)} cases x {len(args.arch)} archs", start)
     if args.out:
         write_rows(rows, args.out, f"# {summary}")
+        print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('')}_summary.md")
     else:
         print_rows(rows)
     for r in bad:

@@ -56,7 +56,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    check_token_ids: bool = True  # validate ids once per forward (one host sync on GPU)
+    check_token_ids: bool = True  # validate ids once per forward (host-side on CPU, a device-side assert on CUDA)
 
     # MoE FFN: n_shared always-on experts + n_routed token-choice top-k experts
     n_shared_experts: int = 1

@@ -15,6 +15,7 @@ from project.accounting import flops_per_token, param_counts
 from project.config import ModelConfig, UserError
 from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
+from project.parallel import apply_compile, apply_fsdp, compile_backend
 from project.table_optim import all_gather_row_grads, clip_grad_norm_, clip_grad_value_
 
 
@@ -34,6 +35,7 @@ class LMModule(L.LightningModule):
         # Plain dicts, so checkpoints and hparams.yaml read back without this project's classes.
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": dict(optim or {}), "parallel": parallel})
         self.parallel = dict(parallel or {})
+        self.compile_backend = compile_backend(self.parallel.pop("compile", False))
         self.model = Transformer(self.model_cfg)
         if self.optim_cfg.row_sparse_tables:
             self.model.use_row_sparse_grads(True)
@@ -46,6 +48,7 @@ class LMModule(L.LightningModule):
         self.data_identity: dict[str, Any] | None = None  # the data a checkpoint was trained on (checked on resume)
         self.train_tokens = 0
         self._sharded = False
+        self._compiled = False
 
     def forward(self, ids_BT: torch.Tensor):
         return self.model(ids_BT)
@@ -56,13 +59,16 @@ class LMModule(L.LightningModule):
         return self._sharded
 
     def configure_model(self) -> None:
-        """Apply FSDP2 / tensor parallel plans when the strategy provides a device mesh."""
-        if self.device_mesh is None or self._sharded:
-            return  # Lightning calls this again for every trainer.fit / validate
-        from project.parallel import apply_fsdp
-
-        apply_fsdp(self.model, self.device_mesh, **self.parallel, row_sparse_tables=self.optim_cfg.row_sparse_tables)
-        self._sharded = True
+        """Apply FSDP2 when the strategy provides a device mesh, then `parallel.compile` (once each: Lightning
+        calls this again for every trainer.fit / validate)."""
+        if self.device_mesh is not None and not self._sharded:
+            apply_fsdp(
+                self.model, self.device_mesh, **self.parallel, row_sparse_tables=self.optim_cfg.row_sparse_tables
+            )
+            self._sharded = True
+        if self.compile_backend is not None and not self._compiled:
+            apply_compile(self.model, self.compile_backend)
+            self._compiled = True
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         inputs_BT, targets_BT = batch

@@ -1,5 +1,6 @@
-"""Data parallelism for the decoder: FSDP2 wrapping, used by `trainer=fsdp`. Kept apart from the model
-definition, as in torchtitan; sharded checkpoints are consolidated in `project/checkpoint.py`."""
+"""Data parallelism for the decoder (FSDP2 wrapping, used by `trainer=fsdp`) and `torch.compile` of its blocks
+(`parallel.compile`). Kept apart from the model definition, as in torchtitan; sharded checkpoints are
+consolidated in `project/checkpoint.py`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 
+from project.config import ConfigError
 from project.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,4 +70,41 @@ def apply_fsdp(
         # The head runs last in forward and first in backward: keeping it gathered saves one all-gather.
         fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **common)
     fully_shard(model, reshard_after_forward=False, **common)
+    return model
+
+
+def compile_backend(setting: bool | str | None) -> str | None:
+    """The `torch.compile` backend a `parallel.compile` setting names (false / null: None, true: inductor),
+    or a clear error when it cannot run here."""
+    if setting in (None, False):
+        return None
+    backend = "inductor" if setting is True else setting
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(backend, str) or backend not in known:
+        raise ConfigError(
+            f"parallel.compile={setting!r} must be true, false or a torch.compile backend: {', '.join(known)}"
+        )
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            "parallel.compile: torch.compile does not support this Python version or platform; set it to false"
+        )
+    return backend
+
+
+def apply_compile(model: Transformer, backend: str) -> Transformer:
+    """Compile each transformer block in place (`nn.Module.compile`), before or after FSDP2 wrapping alike.
+
+    Per block, as torchtitan does: the blocks share one code object, so one compilation serves every
+    layer, and a graph stays the size of one block whatever the depth. In place, so parameter names,
+    state dicts and checkpoints are those of the eager model (a resumed run may switch compile on or
+    off), and the order against `apply_fsdp` does not matter (the module objects FSDP2 wraps are the
+    ones compiled). Under FSDP2 a JTok / JTok-M block compiles to several graphs, not one: its
+    modulator is an FSDP unit of its own, and dynamo skips FSDP2's hooks, so the graph breaks around
+    the modulator's call. The embedding, the head and the loss stay eager. The kernel ops run as the
+    opaque custom ops of `kernels.library`; a row-sparse table gradient (`optim.table_optimizer=adam|
+    rowwise_adam`) is one more graph break per JTok layer (`kernels/__init__.py`)."""
+    for block in model.layers:
+        block.compile(backend=backend)
     return model

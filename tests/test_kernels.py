@@ -376,9 +376,9 @@ def _train_losses(variant: str, steps: int = 3) -> list[float]:
 
 @pytest.mark.parametrize("variant", ["jtok", "jtok_m", "moe", "moe_jtok_m"])
 def test_model_trains_the_same_with_triton_kernels(variant, monkeypatch):
-    monkeypatch.setenv("JTOK_KERNELS", "reference")
+    monkeypatch.setattr(kernels, "_BACKEND", "reference")
     want = _train_losses(variant)
-    monkeypatch.setenv("JTOK_KERNELS", "triton")
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
     calls = {op: 0 for op in OPS}
     for op, fn in list(kernels._TRITON_OPS.items()):
         def counted(*args, _fn=fn, _op=op):

@@ -243,7 +243,7 @@ def test_two_sparse_backwards_accumulate_in_grad(op, backend):
 
 
 def test_boundary_passes_sparse_grad_to_the_triton_ops(monkeypatch):
-    monkeypatch.setenv("JTOK_KERNELS", "triton")
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
     _, (m, ids, table, scale, eps, res), _, _, _ = gate_case(7, 5, 4, "repeat", True)
     out = kernels.jtok_gate(m, ids, table, scale, eps, residual_ND=res, sparse_grad=True)
     assert out.grad_fn is not None and "JTokGate" in type(out.grad_fn).__name__
