@@ -43,6 +43,7 @@ MMA_CONFIGS = [
 IEEE_CONFIGS = [  # 64x64 at 4 warps, BLOCK_K 16 or 64x32 spill a few bytes in some kernel on sm_90 or sm_80
     config(64, 64, 32, 8, 8, 3),
     config(32, 64, 32, 8, 4, 3),
+    config(32, 32, 32, 8, 4, 3),  # the unaligned-rows fallback: 32x64 spills 8 B in the dual wgrad on sm_80
 ]
 
 # Per kernel: fp32 accumulator tiles held through the K loop, operand tiles loaded per K step (the A
