@@ -53,7 +53,14 @@ def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check") / "fast"
     proc = _run(["-m", "kernels.compile_check", "--fast", "--out", str(out)], interpret=True)
     assert out.with_suffix(".md").read_text().startswith("# compile check:"), proc.stderr[-3000:]
-    return proc, _read(out.with_suffix(".csv"))
+    rows = _read(out.with_suffix(".csv"))
+    summary = _read(out.with_name("fast_summary.csv"))
+    # the summary keeps each kernel variant's worst row over shapes and configs
+    for s in summary:
+        group = [r for r in rows if r["kernel"] == s["kernel"] and all(v in r["config"].split() for v in s["variant"].split())]
+        assert int(s["rows"]) == len(group) and int(s["max_regs"]) == max(int(r["regs"]) for r in group), s
+    assert {s["kernel"] for s in summary} == {r["kernel"] for r in rows}
+    return proc, rows
 
 
 def test_fast_subset_compiles_every_kernel(fast_run):
