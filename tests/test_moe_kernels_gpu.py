@@ -115,9 +115,34 @@ def test_forced_config_reaches_every_gemm_and_is_undone():
 
 def test_router_gradient_with_unused_partial_columns(monkeypatch):
     """A tile wider than the narrowest BLOCK_N leaves partial-dw columns unwritten: they must be 0."""
-    monkeypatch.setattr(moe_experts, "min_block_n", lambda tuner: 16)
+    monkeypatch.setattr(moe_experts, "min_block_n", lambda tuner, ieee: 16)
     with moe_configs.forced_config(GPU_TILES["128x128x32_g4"]):
         compare(6, 40, 260, 2, 2, "random")  # 3 column tiles of 128 out of 17 partial columns
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_tuning_several_dh_configs_leaves_no_stale_router_gradient_partials(monkeypatch, reset):
+    """While tuning, every config of the dh kernel writes into the same zeroed partial-dw buffer: a
+    narrow config fills more columns than a wide one, so without `reset_to_zero` the columns left by
+    the narrow run are summed into the wide winner's router gradient. The tuner really benchmarks two
+    configs here (the narrow one first; a stub timer makes the wide one win), with and without the reset."""
+    tuner = moe_experts._moe_dh_kernel
+    timings = iter([2.0, 1.0])
+    monkeypatch.setattr(tuner, "configs", [moe_configs.config(16, 32, 32, 2, 4, 1), moe_configs.config(16, 128, 32, 2, 4, 1)])
+    monkeypatch.setattr(tuner, "early_config_prune", None)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setitem(tuner.__dict__, "do_bench", lambda fn, quantiles=None, **_: (fn(), [next(timings)] * 3)[1])
+    if not reset:
+        monkeypatch.setattr(tuner, "reset_to_zero", [])
+    x, idx, w, w_gate, w_up, w_down = moe_inputs(6, 40, 260, 2, 2, "random")
+    ref = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in (x, idx, w, w_gate, w_up, w_down)]
+    got = torch.autograd.grad(moe_experts.moe_experts(x, idx, w, w_gate, w_up, w_down).sum(), w)[0]
+    want = torch.autograd.grad(reference.moe_experts(*ref).sum(), ref[2])[0].float()
+    assert tuner.best_config.kwargs["BLOCK_N"] == 128
+    if reset:
+        assert_close("dw", got, want)
+    else:  # the test's own check: the stale partials really reach the gradient when nothing zeroes them
+        assert (got - want).abs().max() > 0.1
 
 
 def test_fwd_saves_what_bwd_needs():

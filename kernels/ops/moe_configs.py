@@ -118,6 +118,8 @@ def forced_config(cfg: triton.Config) -> Iterator[None]:
             t.configs = configs
 
 
-def min_block_n(tuner: triton.runtime.Autotuner) -> int:
-    """The narrowest BLOCK_N `tuner` may run with (sizes buffers indexed by column tile)."""
-    return min(c.kwargs["BLOCK_N"] for c in tuner.configs)
+def min_block_n(tuner: triton.runtime.Autotuner, ieee: bool) -> int:
+    """The narrowest BLOCK_N `tuner` may run with for this dtype's config list (sizes buffers indexed
+    by column tile); a forced or interpreter config is the whole list."""
+    own = [c for c in tuner.configs if c in (IEEE_CONFIGS if ieee else MMA_CONFIGS)] or tuner.configs
+    return min(c.kwargs["BLOCK_N"] for c in own)

@@ -264,7 +264,7 @@ def _alignment(D: int, F: int) -> int:
     """The largest power of two <= 16 dividing D and F: every row of the contiguous operands starts
     at a multiple of it (elements), which the kernels pass on to the compiler (`_al`)."""
     g = math.gcd(D, F)
-    return min(16, g & -g)
+    return max(1, min(16, g & -g))  # D = F = 0 (no columns) has no alignment to state
 
 
 def _row_grid(S: int, E: int, n_cols: int):
@@ -323,7 +323,7 @@ def moe_experts_bwd(grad_ND, x_ND, topk_w_NK, w_gate_EDF, w_up_EDF, w_down_EFD, 
 
     da_SF, db_SF, hw_SF = (torch.empty(S, F, dtype=dt, device=dev) for _ in range(3))
     # one column per F tile at the narrowest BLOCK_N the tuner may use; wider tiles leave zeros
-    n_part = triton.cdiv(F, min_block_n(_moe_dh_kernel))
+    n_part = triton.cdiv(F, min_block_n(_moe_dh_kernel, ieee))
     dw_part_SP = torch.zeros(S, n_part, dtype=torch.float32, device=dev)
     dx_SD = torch.empty(S, D, dtype=dt, device=dev)
     d_gate, d_up, d_down = torch.empty_like(w_gate_EDF), torch.empty_like(w_up_EDF), torch.empty_like(w_down_EFD)
