@@ -24,7 +24,7 @@ import triton.language as tl
 from kernels.ops.moe_configs import autotune, min_block_n
 from kernels.ops.moe_routing import grouped_tile, moe_routing, tile_rows
 
-ROW_KEY = ["D", "F", "E"]
+ROW_KEY = ["S", "D", "F", "E"]  # S = N K slots: each batch size gets its own tiles (tuned once, cached on disk)
 
 
 @triton.jit
