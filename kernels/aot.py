@@ -239,6 +239,12 @@ def _autotuners() -> list[Autotuner]:
         return [o for o in gc.get_objects() if isinstance(o, Autotuner)]
 
 
+def _never_from_disk(self: Autotuner, tuning_key, configs, bench_fn) -> bool:
+    """`Autotuner.check_disk_cache` under `aot_target`: benchmark (compile) every config, read and write nothing."""
+    bench_fn()
+    return False
+
+
 @contextlib.contextmanager
 def aot_target(arch: int):
     """Compile (never run) every Triton kernel launched inside for sm_<arch>; yields the list of
@@ -254,9 +260,11 @@ def aot_target(arch: int):
     # autotune's per-key choice, its cached benchmarker and its on-disk timings (which would also
     # hand this stub's constant timings to a real GPU of the same arch sharing the cache) are off
     saved_tuners = [(t, dict(t.cache), t.__dict__.pop("do_bench", None), t.cache_results) for t in tuners]
-    original_run = JITFunction.run
+    original_run, original_disk_cache = JITFunction.run, Autotuner.check_disk_cache
     records: list[CompileRecord] = []
     try:
+        # and for tuners made inside the block too (they read `cache_results` at construction)
+        Autotuner.check_disk_cache = _never_from_disk
         for t in tuners:
             t.cache.clear()
             t.cache_results = False
@@ -266,7 +274,12 @@ def aot_target(arch: int):
         JITFunction.run = _recording_run(getattr(original_run, "unwrapped", original_run))  # nested: innermost records
         yield records
     finally:
-        JITFunction.run = original_run
+        JITFunction.run, Autotuner.check_disk_cache = original_run, original_disk_cache
+        known = {id(t) for t in tuners}
+        for t in _autotuners():
+            if id(t) not in known:  # made inside: forget the stub's choice and benchmarker
+                t.cache.clear()
+                t.__dict__.pop("do_bench", None)
         _driver._active = saved_driver
         _State.records, _State.arch = saved_state
         knobs.autotuning.cache = saved_cache

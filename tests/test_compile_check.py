@@ -36,9 +36,10 @@ def _env(interpret: bool) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], interpret: bool = False) -> subprocess.CompletedProcess:
+def _run(args: list[str], interpret: bool = False, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=_env(interpret), capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, *args], cwd=ROOT, env=_env(interpret) | env, capture_output=True, text=True, timeout=600,
+        check=False,
     )
 
 
@@ -101,6 +102,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 from kernels.compile_check import Case, bad_rows, check_case
 
@@ -139,13 +141,22 @@ def gemm(kernel, **stages):
     kernel[(1,)](a, a, a, 4096, BLOCK=128, BLOCK_K=64, **stages)
 
 
-active, run = driver._active, JITFunction.run
+active, run, disk_check = driver._active, JITFunction.run, Autotuner.check_disk_cache
 rows = check_case(90, Case("spill", "float32", "-", spill), 0)
 rows += check_case(90, Case("gemm", "bfloat16", "-", lambda: gemm(_gemm_kernel, STAGES=8)), 0)
 rows += check_case(90, Case("tuned", "bfloat16", "-", lambda: gemm(_tuned_gemm_kernel)), 0)
 # again: neither the in-memory choice nor timings on disk may spare the second check its compiles
 rows += check_case(90, Case("again", "bfloat16", "-", lambda: gemm(_tuned_gemm_kernel)), 0)
-restored = driver._active is active and JITFunction.run is run and _tuned_gemm_kernel.cache_results
+# a tuner made inside the check must not write the stub's timings to disk either
+made_inside = []
+def tune_new():
+    made_inside.append(triton.autotune([triton.Config({"STAGES": 3}), triton.Config({"STAGES": 2})], key=[],
+                                       cache_results=True)(_gemm_kernel))
+    gemm(made_inside[-1])
+rows += check_case(90, Case("inside", "bfloat16", "-", tune_new), 0)
+restored = not made_inside[-1].cache and "do_bench" not in made_inside[-1].__dict__
+restored = restored and driver._active is active and JITFunction.run is run and _tuned_gemm_kernel.cache_results
+restored = restored and Autotuner.check_disk_cache is disk_check
 print(json.dumps(dict(rows=rows, bad=[r["op"] for r in bad_rows(rows)], restored=restored)))
 """
 
@@ -153,8 +164,9 @@ print(json.dumps(dict(rows=rows, bad=[r["op"] for r in bad_rows(rows)], restored
 def test_spills_shared_memory_overflow_and_autotune_skips_are_reported(tmp_path):
     script = tmp_path / "bad_kernels.py"
     script.write_text(textwrap.dedent(BAD_KERNELS))
-    proc = _run([str(script)])
+    proc = _run([str(script)], TRITON_CACHE_DIR=str(tmp_path / "triton"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list((tmp_path / "triton").rglob("*.autotune.json"))  # no stub timing reaches the disk cache
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = {(r["op"], r["config"].split(" num_warps")[0]): r for r in result["rows"]}
     spill = rows["spill", "BLOCK=8192"]
