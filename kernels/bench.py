@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import expert_counts
+
 FIELDS = ["op", "mode", "impl", "device", "dtype", "tokens", "d", "ms", "peak_mib", "note"]
 MODES = ("forward", "backward", "full")
 
@@ -82,7 +84,7 @@ def moe_experts_grouped_mm(x_ND, topk_idx_NK, topk_w_NK, w_gate_EDF, w_up_EDF, w
     E = w_gate_EDF.shape[0]
     flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
     perm_S = torch.sort(flat_S, stable=True).indices
-    counts_E = torch.zeros(E, dtype=torch.int64, device=x_ND.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+    counts_E = expert_counts(topk_idx_NK, E)
     offs_E = counts_E.cumsum(0).to(torch.int32)
     xs_SD = x_ND[perm_S // K]
     h_SF = F.silu(torch._grouped_mm(xs_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(xs_SD, w_up_EDF, offs=offs_E)

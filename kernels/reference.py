@@ -11,6 +11,16 @@ import torch
 import torch.nn.functional as F
 
 
+def expert_counts(topk_idx_NK: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of the N*K routing slots chose each of the n experts/tables, as int64 on the device.
+
+    A scatter-add into a fixed-size buffer, not `torch.bincount`: bincount's output size depends on the
+    data, so on CUDA it waits for the device (a host sync) and it breaks torch.compile graphs.
+    Integer adds are exact, so the counts do not depend on the order of the atomics."""
+    flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
+    return torch.zeros(n, dtype=torch.int64, device=flat_S.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+
+
 def sparse_rows(rows_U: torch.Tensor, values_UD: torch.Tensor, table_shape: torch.Size) -> torch.Tensor:
     """A table gradient holding only the touched rows: a coalesced sparse COO tensor of `table_shape`
     (`[V, d]` or `[n_e, V, d]`) whose entries are the rows `rows_U` (sorted, unique, indexing the

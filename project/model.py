@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.reference import expert_counts
 from project.config import ModelConfig
 from project.kv_cache import KVCache
 
@@ -99,16 +100,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
-
-def expert_counts(topk_idx_NK: torch.Tensor, n: int) -> torch.Tensor:
-    """How many of the N*K routing slots chose each of the n experts/tables, as int64 on the device.
-
-    A scatter-add into a fixed-size buffer, not `torch.bincount`: bincount's output size depends on the
-    data, so on CUDA it waits for the device (a host sync per layer) and it breaks torch.compile graphs.
-    Integer adds are exact, so the counts do not depend on the order of the atomics."""
-    flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
-    return torch.zeros(n, dtype=torch.int64, device=flat_S.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
 
 
 def switch_aux_loss(probs_NE: torch.Tensor, topk_idx_NK: torch.Tensor) -> torch.Tensor:

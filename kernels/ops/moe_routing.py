@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import expert_counts
+
 
 class MoERouting(NamedTuple):
     perm_S: torch.Tensor  # [S] slot (n*K + k) at each expert-sorted row (int64)
@@ -32,8 +34,7 @@ def moe_routing(topk_idx_NK: torch.Tensor, n_experts: int, block_m: int | None =
     K = topk_idx_NK.shape[1]
     flat_S = topk_idx_NK.reshape(-1).to(torch.int64)
     perm_S = torch.sort(flat_S, stable=True).indices
-    # scatter_add rather than bincount: bincount syncs with the host on CUDA
-    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_S.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+    counts_E = expert_counts(topk_idx_NK, n_experts)
     offsets_E = counts_E.cumsum(0) - counts_E
     r = MoERouting(perm_S, perm_S // K, counts_E.to(torch.int32), offsets_E.to(torch.int32))
     if block_m is None:
