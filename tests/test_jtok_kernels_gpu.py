@@ -30,12 +30,11 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels import reference
+from tensor_asserts import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = isinstance(triton.language.sum, InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in a subprocess under TRITON_INTERPRET=1")
-# As in tests/test_kernels.py: kernel and reference add the same O(1) terms in other orders.
-ATOL, RTOL = 1e-5, 1e-4
 
 if INTERPRETED:
     from kernels.ops import OPS
@@ -53,13 +52,6 @@ def test_interpreter_tests_in_subprocess():
 
 
 # ----------------------------------------------------------------------------- interpreter: helpers
-
-
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol=ATOL, rtol=RTOL) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape}/{got.dtype} vs {want.shape}"
-    err = (got.double() - want.double()).abs()
-    bound = atol + rtol * want.double().abs()
-    assert bool((err <= bound).all()), f"{name}: max abs err {err.max().item():.3e} (atol={atol}, rtol={rtol})"
 
 
 def assert_grad_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:

@@ -22,28 +22,20 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.ops import moe_configs, moe_experts, moe_routing
+from tensor_asserts import assert_close
 
 if not moe_configs.INTERPRETED:
     pytest.skip("these tests run the kernels under TRITON_INTERPRET=1 (set before triton is imported)",
                 allow_module_level=True)
 
-# The bound of tests/test_kernels.py, but against a float64 reference: at these sizes (130 rows into one
-# expert's dWg, d = 2048) the float32 reference's own error is as large as the kernel's (both <= ~0.7x the
-# bound against float64) and their difference alone reached ~1.1x the bound.
-ATOL, RTOL = 1e-5, 1e-4
+# tensor_asserts' bound, but against a float64 reference: at these sizes (130 rows into one expert's dWg,
+# d = 2048) the float32 reference's own error is as large as the kernel's (both <= ~0.7x the bound against
+# float64) and their difference alone reached ~1.1x the bound.
 # Tile shapes from moe_configs.MMA_CONFIGS; GROUP_M below its 8 so these few row tiles form several groups.
 GPU_TILES = {
     "64x64x64_g2": moe_configs.config(64, 64, 64, 2, 4, 4),
     "128x128x32_g4": moe_configs.config(128, 128, 32, 4, 8, 4),
 }
-
-
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    """Raise AssertionError naming the tensor when got and want differ beyond ATOL + RTOL * |want|."""
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
-    err = (got.double() - want.double()).abs()
-    bound = ATOL + RTOL * want.double().abs()
-    assert bool((err <= bound).all()), f"{name}: max abs err {err.max().item():.3e}, worst excess {(err - bound).max().item():.3e}"
 
 
 def moe_inputs(N, D, F, E, K, routing, seed=0):

@@ -24,6 +24,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
+from tensor_asserts import assert_close  # noqa: E402
 
 INTERPRETED = isinstance(triton.language.sum, InterpretedFunction)
 if not INTERPRETED:
@@ -54,13 +55,6 @@ def make_ids(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tenso
     if kind == "repeat":
         return torch.randint(0, vocab, (n,), generator=gen)
     return torch.full((n,), vocab - 1)
-
-
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape}/{got.dtype} vs {want.shape}"
-    err = (got.double() - want.double()).abs()
-    bound = atol + rtol * want.double().abs()
-    assert bool((err <= bound).all()), f"{name}: max abs err {err.max().item():.3e} (atol={atol}, rtol={rtol})"
 
 
 # ----------------------------------------------------------------------------- cases
