@@ -18,6 +18,9 @@ import kernels
 from kernels.reference import expert_counts
 from project.config import ModelConfig
 from project.kv_cache import KVCache
+from project.table_parallel import (
+    Route, RowShard, ShardedRows, TableExchange, fetch_rows, init_rows, load_rows_hook, premix, save_rows_hook,
+)
 
 
 class ModelOutput(NamedTuple):
@@ -173,20 +176,39 @@ class MoE(nn.Module):
 
 class TokenTable(nn.Module):
     """Token-indexed rows: `[V, d]` (JTok) or a pool `[n_e, V, d]` (JTok-M). Its own module so
-    that the optimizer and FSDP can treat the tables apart from the backbone."""
+    that the optimizer and FSDP can treat the tables apart from the backbone. Row-sharded
+    (`take_rows`), it holds one rank's slice of the rows: `[rows, d]` or `[n_e, rows, d]`."""
 
-    def __init__(self, *shape: int, init_std: float):
+    def __init__(self, *shape: int, init_std: float, deferred: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(*shape))
+        # deferred: no storage until `take_rows` (row-sharded tables: no rank ever allocates the whole table).
+        self.weight = nn.Parameter(torch.empty(*shape, device="meta" if deferred else None))
+        self.global_shape = tuple(shape)
         self.init_std = init_std
         # True: backward yields only the touched rows, as a sparse COO gradient (`Transformer.use_row_sparse_grads`).
         self.sparse_grad = False
+        self.shard: RowShard | None = None
+        self.register_state_dict_post_hook(save_rows_hook)
+        self.register_load_state_dict_pre_hook(load_rows_hook)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        if self.shard is None and not self.weight.is_meta:
+            nn.init.normal_(self.weight, std=self.init_std)
+
+    def take_rows(self, shard: RowShard, seed: int) -> None:
+        """Keep only the rows `shard` gives this rank, drawn by `init_rows` from `seed` (row-sharded tables)."""
+        device = None if self.weight.is_meta else self.weight.device
+        rows = init_rows(self.global_shape, shard, self.init_std, seed, device=device).to(self.weight.dtype)
+        self.weight = nn.Parameter(rows)
+        self.weight.sharded_rows = ShardedRows(shard, self.global_shape[:-2])  # read by checkpoints and the optimizer
+        self.shard = shard
 
     def rows(self) -> torch.Tensor:
-        """The table, or a clear error once `offload` moved it to host memory."""
+        """The table, or a clear error once `offload` moved it to host memory or while row-sharded."""
+        if self.shard is not None and self.shard.world > 1:
+            raise RuntimeError("this token table is row-sharded: its rows come through the table exchange")
+        if self.weight.is_meta:
+            raise RuntimeError("this token table is deferred: call Transformer.shard_token_tables first")
         if self.weight.numel() == 0:
             raise RuntimeError("this token table lives in host memory: pass the rows gathered for the step (`served`)")
         return self.weight
@@ -201,36 +223,39 @@ class TokenTable(nn.Module):
 class JTok(nn.Module):
     """JTok: h_next = h~ + m * (1 + s * u/(||u|| + eps)), u = E[x_t]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, deferred_tables: bool = False):
         super().__init__()
         self.eps = cfg.jtok_eps
-        self.table = TokenTable(cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std)
+        self.table = TokenTable(cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std, deferred=deferred_tables)
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtok_scale_init)))
 
     def forward(self, h_ND: torch.Tensor, m_ND: torch.Tensor, ids_N: torch.Tensor,
                 table_VD: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """`table_VD` replaces the own table with rows gathered ahead (then `ids_N` index those)."""
-        table_VD = self.table.rows() if table_VD is None else table_VD
+        own = table_VD is None
+        table_VD = self.table.rows() if own else table_VD
         out_ND = kernels.jtok_gate(m_ND, ids_N, table_VD, self.scale, self.eps, residual_ND=h_ND, validate=False,
-                                   sparse_grad=self.table.sparse_grad)  # fmt: skip
+                                   sparse_grad=self.table.sparse_grad and own)  # fmt: skip
         return out_ND.to(h_ND.dtype)  # a table kept out of mixed precision (row-sparse under FSDP) stays fp32
 
 
 class JTokM(nn.Module):
     """JTok-M: r = s/sqrt(2L) * e/(||e|| + eps), e = sum over the top-K routed tables of w_i E_i[x_t]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, deferred_tables: bool = False):
         super().__init__()
         self.top_k, self.eps, self.aux_coef = cfg.jtokm_top_k, cfg.jtok_eps, cfg.jtokm_aux_loss_coef
         self.alpha = 1.0 / math.sqrt(2 * cfg.n_layers)
-        self.tables = TokenTable(cfg.jtokm_tables, cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std)
+        self.tables = TokenTable(cfg.jtokm_tables, cfg.vocab_size, cfg.d_model, init_std=cfg.table_init_std,
+                                 deferred=deferred_tables)
         self.router = nn.Linear(cfg.d_model, cfg.jtokm_tables, bias=False)
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtokm_scale_init)))
 
-    def forward(self, x_norm_ND: torch.Tensor, ids_N: torch.Tensor,
-                tables_EVD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """`tables_EVD` replaces the own tables with rows gathered ahead (then `ids_N` index those)."""
-        tables_EVD = self.tables.rows() if tables_EVD is None else tables_EVD
+    def forward(self, x_norm_ND: torch.Tensor, ids_N: torch.Tensor, tables_EVD: torch.Tensor | None = None,
+                route: Route | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """`tables_EVD` replaces the own tables with rows gathered ahead (then `ids_N` index those); with a
+        `route` (row-sharded tables), the owners of the ids mix the rows (`project.table_parallel.premix`)."""
+        own = tables_EVD is None and route is None
         g_NE = self.router(x_norm_ND).float()
         top_g_NK, topk_idx_NK = g_NE.topk(self.top_k, dim=-1)
         gate_NK = top_g_NK.sigmoid()
@@ -238,9 +263,14 @@ class JTokM(nn.Module):
         aux = x_norm_ND.new_zeros((), dtype=torch.float32)
         if self.training and self.aux_coef > 0:
             aux = self.aux_coef * switch_aux_loss(g_NE.softmax(-1), topk_idx_NK)
+        if route is not None:
+            e_ND = premix(route, self.tables.weight, topk_idx_NK, topk_w_NK)
+            r_ND = self.alpha * self.scale * (e_ND / (e_ND.norm(dim=-1, keepdim=True) + self.eps))
+            return r_ND.to(x_norm_ND.dtype), aux
+        tables_EVD = self.tables.rows() if tables_EVD is None else tables_EVD
         r_ND = kernels.jtok_m_mix(
             ids_N, tables_EVD, topk_idx_NK, topk_w_NK.to(tables_EVD.dtype), self.scale,
-            self.alpha, self.eps, validate=False, sparse_grad=self.tables.sparse_grad,
+            self.alpha, self.eps, validate=False, sparse_grad=self.tables.sparse_grad and own,
         )
         return r_ND.to(x_norm_ND.dtype), aux
 
@@ -248,17 +278,17 @@ class JTokM(nn.Module):
 class Block(nn.Module):
     """One decoder layer: attention, FFN (dense or MoE), and the optional token-indexed modulator."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, deferred_tables: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.ffn_kind == "moe" else SwiGLU(cfg.d_model, cfg.dense_hidden)
-        self.jtok = JTok(cfg) if cfg.modulator == "jtok" else None
-        self.jtok_m = JTokM(cfg) if cfg.modulator == "jtok_m" else None
+        self.jtok = JTok(cfg, deferred_tables) if cfg.modulator == "jtok" else None
+        self.jtok_m = JTokM(cfg, deferred_tables) if cfg.modulator == "jtok_m" else None
 
     def forward(self, h_BTD, ids_BT, cos, sin, cache: KVCache | None = None, layer: int = 0,
-                table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                table: torch.Tensor | None = None, route: Route | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         B, T, D = h_BTD.shape
         x_BTD = self.attn_norm(h_BTD)
         h_BTD = h_BTD + self.attn(x_BTD, cos, sin, cache, layer)
@@ -272,7 +302,7 @@ class Block(nn.Module):
             h_ND = self.jtok(h_ND, m_ND, ids_N, table)
         elif self.jtok_m is not None:
             # The router reads RMSNorm(h) of the layer input; the attention's norm is reused for it (choice).
-            r_ND, aux_m = self.jtok_m(x_BTD.reshape(B * T, D), ids_N, table)
+            r_ND, aux_m = self.jtok_m(x_BTD.reshape(B * T, D), ids_N, table, route)
             h_ND, aux = h_ND + m_ND + r_ND, aux + aux_m
         else:
             h_ND = h_ND + m_ND
@@ -282,12 +312,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding, L blocks, final norm and output head (tied to the embedding by default)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, deferred_tables: bool = False):
+        """`deferred_tables`: the token tables get no storage until `shard_token_tables` (row-sharded tables)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, deferred_tables) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -295,6 +326,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.table_exchange: TableExchange | None = None  # set by `shard_token_tables`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -332,18 +364,41 @@ class Transformer(nn.Module):
             valid_BT = torch.ones_like(ids_BT, dtype=torch.bool) if valid_BT is None else valid_BT
             pos_BT = cache.begin(valid_BT)
             cos, sin = self.rope_cos[pos_BT][:, None], self.rope_sin[pos_BT][:, None]
+        if self.table_exchange is not None and served is None:
+            served, route = self._exchange_tables(ids_BT)
+        else:
+            route = None
         table_ids_BT = ids_BT if served is None else served.ids_BT
         h_BTD = self.tok_emb(ids_BT)
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for layer, block in enumerate(self.layers):
             table = None if served is None else served.weights[layer]
-            h_BTD, block_aux = block(h_BTD, table_ids_BT, cos, sin, cache, layer, table)
+            h_BTD, block_aux = block(h_BTD, table_ids_BT, cos, sin, cache, layer, table, route)
             aux = aux + block_aux
         if cache is not None:
             cache.end(T)
         if last_only:
             h_BTD = h_BTD[:, -1:]
         return ModelOutput(self.lm_head(self.norm(h_BTD)), aux)
+
+    def _exchange_tables(self, ids_BT: torch.Tensor) -> tuple[ServedRows | None, Route | None]:
+        """Row-sharded tables: route the ids to their owners once for every layer; JTok fetches all layers' rows
+        now (`ServedRows`), JTok-M hands the route to each layer, whose owners pre-mix its rows."""
+        per_token = self.cfg.modulator == "jtok_m"
+        route = self.table_exchange.route(ids_BT.reshape(-1), per_token)
+        if per_token:
+            return None, route
+        rows_ULD = fetch_rows(route, [block.jtok.table.weight for block in self.layers])
+        return ServedRows(route.inverse_N.view(ids_BT.shape), list(rows_ULD.unbind(1))), None
+
+    def shard_token_tables(self, shard: RowShard, seed: int) -> None:
+        """Row-shard every token table: keep the rows `shard` gives this rank (initialised from `seed`, the same
+        values whatever the world size) and exchange rows with the other ranks in forward and backward."""
+        if self.cfg.modulator == "none":
+            return
+        for index, table in enumerate(self.token_tables()):
+            table.take_rows(shard, seed * 1009 + index)
+        self.table_exchange = TableExchange(shard)
 
     def token_tables(self) -> list[TokenTable]:
         """Every layer's token-indexed table (JTok) or pool of tables (JTok-M)."""

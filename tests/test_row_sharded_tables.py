@@ -1,0 +1,185 @@
+"""Row-sharded token tables (`parallel.tables=row_sharded`, project/table_parallel.py): on 2 CPU ranks (gloo),
+forward, loss and every gradient equal one process on the same global batch, and no rank ever holds or builds a
+whole table; on one process the exchange path equals the plain model's.
+
+Deselect the 2-rank tests locally with `-m "not distributed"`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from tensor_asserts import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from project.config import ConfigError, ModelConfig
+from project.model import Transformer
+from project.table_optim import AdamWWithRowSparseTables
+from project.table_parallel import INIT_CHUNK_ROWS, RowShard, init_rows
+
+VARIANTS = ["jtok", "jtok_m", "moe_jtok_m"]
+# V = 51 splits unevenly over 2 ranks (26 + 25 rows), as torch.chunk and DTensor's Shard do.
+CFG = dict(vocab_size=51, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, n_routed_experts=4, jtokm_tables=5)
+BATCH, WORLD = 4, 2
+
+
+def _batch() -> torch.Tensor:
+    ids = torch.randint(0, CFG["vocab_size"], (BATCH, CFG["max_seq_len"]), generator=torch.Generator().manual_seed(1))
+    ids[:, :3] = 50  # an id repeated within and across ranks (the last row of the last rank)
+    ids[1, 3:6] = 0
+    return ids
+
+
+def _loss(model: Transformer, ids_BT: torch.Tensor) -> torch.Tensor:
+    out = model(ids_BT[:, :-1])
+    return F.cross_entropy(out.logits.flatten(0, 1), ids_BT[:, 1:].flatten()) + out.aux_loss
+
+
+def _grads(model: Transformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference(variant: str, folder: Path) -> Path:
+    """One process, whole tables, the global batch: weights, ids, loss and gradients, saved for the ranks."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(variant=variant, **CFG))
+    model.use_row_sparse_grads(True)
+    ids = _batch()
+    loss = _loss(model, ids)
+    loss.backward()
+    path = folder / f"{variant}.pt"
+    torch.save({"state": model.state_dict(), "ids": ids, "loss": loss.detach(), "grads": _grads(model)}, path)
+    return path
+
+
+class _LargestTable(TorchDispatchMode):
+    """The largest tensor any op produces whose last dimension is d (a table, its rows or their gradients)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d, self.largest = d, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.d and not t.is_sparse:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _check_rank(rank: int, variant: str, reference_file: str) -> None:
+    ref = torch.load(reference_file, mmap=True)  # mapped, not read: this rank takes its own rows only
+    cfg = ModelConfig(variant=variant, **CFG)
+    shard = RowShard(cfg.vocab_size, rank=rank, world=WORLD)
+    model = Transformer(cfg, deferred_tables=True)
+    model.use_row_sparse_grads(True)
+    model.shard_token_tables(shard, seed=0)
+    model.load_state_dict(ref["state"])
+    tables = model.token_tables()
+    n_tables = cfg.jtokm_tables if cfg.modulator == "jtok_m" else 1
+    table_pool = n_tables * cfg.vocab_size * cfg.d_model
+    for table in tables:  # the rows this rank holds: its slice, never the whole table
+        assert table.weight.shape == (*table.global_shape[:-2], shard.rows, cfg.d_model)
+        assert shard.rows == (26 if rank == 0 else 25) < cfg.vocab_size
+
+    with _LargestTable(cfg.d_model) as largest:
+        local_ids = ref["ids"].chunk(WORLD)[rank]
+        loss = _loss(model, local_ids)
+        loss.backward()
+        optimizer = AdamWWithRowSparseTables(
+            [{"params": [t.weight for t in tables], "table_optimizer": "adam", "weight_decay": 0.0}], lr=1e-2)
+        optimizer.step()
+    if n_tables > 1:  # nothing reached a whole JTok-M pool, only its own shard of one (the backbone's tensors are
+        # smaller; a JTok [V, d] table has the embedding's shape, so only its held shapes are checked above)
+        assert largest.largest <= n_tables * shard.rows * cfg.d_model < table_pool, (largest.largest, table_pool)
+    for table in tables:
+        state = optimizer.state[table.weight]
+        assert state["exp_avg"].shape[0] == n_tables * shard.rows and state["row_step"].numel() == n_tables * shard.rows
+
+    dist.all_reduce(loss.detach_())
+    assert_close("loss", loss / WORLD, ref["loss"], atol=1e-6, rtol=1e-5)
+    grads = _grads(model)
+    table_names = {n for n, p in model.named_parameters() if any(p is t.weight for t in tables)}
+    assert set(grads) == set(ref["grads"]), set(grads) ^ set(ref["grads"])
+    for name, grad in grads.items():
+        expected = ref["grads"][name]
+        if name in table_names:  # already averaged over ranks by the exchange: this rank's rows of the global gradient
+            expected = expected.narrow(expected.dim() - 2, shard.start, shard.rows)
+        else:  # the backbone: averaged as DDP / FSDP would
+            dist.all_reduce(grad)
+            grad = grad / WORLD
+        assert_close(name, grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def _ranks(rank: int, variant: str, reference_file: str, init_file: str, errors) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        _check_rank(rank, variant, reference_file)
+    except BaseException as e:  # reported to the parent, which fails the test with it
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_ranks_match_one_process_on_the_same_global_batch(variant, tmp_path):
+    reference = _reference(variant, tmp_path)
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        mp.start_processes(_ranks, args=(variant, str(reference), str(tmp_path / "init"), errors), nprocs=WORLD,
+                           join=True, start_method="spawn")  # fmt: skip
+    finally:
+        messages = []
+        while not errors.empty():
+            messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_rank_exchange_equals_the_plain_model(variant):
+    """World 1: the route, fetch and pre-mix run without a process group and give the plain model's numbers."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, **CFG)
+    plain = Transformer(cfg)
+    plain.use_row_sparse_grads(True)
+    sharded = Transformer(cfg, deferred_tables=True)
+    sharded.use_row_sparse_grads(True)
+    sharded.shard_token_tables(RowShard(cfg.vocab_size), seed=0)
+    sharded.load_state_dict(plain.state_dict())
+    ids = _batch()
+    losses = []
+    for model in (plain, sharded):
+        losses.append(_loss(model, ids))
+        losses[-1].backward()
+    assert_close("loss", losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    a, b = _grads(plain), _grads(sharded)
+    assert set(a) == set(b)
+    for name in a:
+        assert_close(name, b[name], a[name], atol=1e-6, rtol=1e-5)
+    assert sharded.table_exchange.bytes_sent == 0  # nothing leaves a single process
+
+
+def test_initial_rows_do_not_depend_on_the_world_size():
+    """Each rank draws its own rows only, and they are the rows one process draws (equal by construction: the same
+    seeded generator per chunk of rows, so compared exactly)."""
+    shape = (3, 2 * INIT_CHUNK_ROWS + 5, 4)
+    whole = init_rows(shape, RowShard(shape[1]), std=2.0, seed=7)
+    for world in (2, 3, 5):
+        parts = [init_rows(shape, RowShard(shape[1], rank=r, world=world), std=2.0, seed=7) for r in range(world)]
+        assert torch.equal(torch.cat(parts, dim=1), whole)
+    assert 1.9 < whole.std().item() < 2.1
+
+
+def test_a_vocabulary_too_small_for_the_ranks_is_refused():
+    with pytest.raises(ConfigError, match="cannot give each of 4 ranks rows of its own"):
+        RowShard(9, rank=0, world=4)  # ceil(9 / 4) = 3 rows each: the 4th rank would own none
