@@ -204,11 +204,9 @@ class TokenTable(nn.Module):
         self.shard = shard
 
     def rows(self) -> torch.Tensor:
-        """The table, or a clear error once `offload` moved it to host memory or while row-sharded."""
+        """The table, or a clear error once `offload` moved it to host memory, or while other ranks hold some of its rows."""
         if self.shard is not None and self.shard.world > 1:
             raise RuntimeError("this token table is row-sharded: its rows come through the table exchange")
-        if self.weight.is_meta:
-            raise RuntimeError("this token table is deferred: call Transformer.shard_token_tables first")
         if self.weight.numel() == 0:
             raise RuntimeError("this token table lives in host memory: pass the rows gathered for the step (`served`)")
         return self.weight
