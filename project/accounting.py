@@ -59,6 +59,16 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     )
 
 
+def fsdp_table_bytes_per_step(cfg: ModelConfig, world: int, param_bytes: int = 4, reduce_bytes: int = 4,
+                              gathers: int = 2) -> int:  # fmt: skip
+    """Bytes one rank sends per training step for the token tables when FSDP2 shards them as parameters: each
+    table is all-gathered `gathers` times (forward, and again in backward when resharded after forward) in the
+    compute dtype and its gradient reduce-scattered in the reduce dtype; a ring collective sends (world - 1) / world
+    of the whole tensor from every rank. Row-sharded tables (`parallel.tables=row_sharded`) are measured instead."""
+    tables = param_counts(cfg)["token_indexed"]
+    return round(tables * (world - 1) / world * (gathers * param_bytes + reduce_bytes))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training FLOPs per token (forward + backward), as in the module docstring."""
     T = seq_len or cfg.max_seq_len

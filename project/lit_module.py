@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from project.accounting import flops_per_token, param_counts
+from project.accounting import flops_per_token, fsdp_table_bytes_per_step, param_counts
 from project.config import ModelConfig, UserError
 from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
-from project.parallel import apply_compile, apply_fsdp, compile_backend
+from project.parallel import apply_compile, apply_fsdp, compile_backend, compute_dtype, table_mode
 from project.table_optim import all_gather_row_grads, clip_grad_norm_, clip_grad_value_
+from project.table_parallel import shard_of
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -36,7 +37,13 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": dict(optim or {}), "parallel": parallel})
         self.parallel = dict(parallel or {})
         self.compile_backend = compile_backend(self.parallel.pop("compile", False))
-        self.model = Transformer(self.model_cfg)
+        self.row_sharded = table_mode(self.parallel.pop("tables", "strategy"), self.optim_cfg) == "row_sharded"
+        # Row-sharded tables get storage in `configure_model`, once this rank's rows are known.
+        self.model = Transformer(self.model_cfg, deferred_tables=self.row_sharded)
+        # Drawn here, after the backbone's initialisation, so every rank (and any world size) draws the same.
+        self.table_seed = int(torch.randint(0, 2**31, ())) if self.row_sharded else None
+        self.table_traffic: dict[str, Any] | None = None  # the tables' memory and bytes sent (`on_train_end`)
+        self._table_bytes = self._table_steps = 0
         if self.optim_cfg.row_sparse_tables:
             self.model.use_row_sparse_grads(True)
             # DDP must not all-reduce these (it would densify them): `all_gather_row_grads` exchanges their rows.
@@ -58,9 +65,16 @@ class LMModule(L.LightningModule):
         """Whether FSDP2 has sharded the model (trainer=fsdp); its MixedPrecisionPolicy then sets the compute dtype."""
         return self._sharded
 
+    @property
+    def _row_exchange(self) -> bool:
+        """Whether the tables' gradient rows must be exchanged after backward (row-sparse, replicated, several ranks)."""
+        return self.optim_cfg.row_sparse_tables and not self.row_sharded and self.trainer.world_size > 1
+
     def configure_model(self) -> None:
-        """Apply FSDP2 when the strategy provides a device mesh, then `parallel.compile` (once each: Lightning
-        calls this again for every trainer.fit / validate)."""
+        """Row-shard the token tables (`parallel.tables=row_sharded`), apply FSDP2 when the strategy provides a
+        device mesh, then `parallel.compile` (once each: Lightning calls this again for every trainer.fit / validate)."""
+        if self.row_sharded and self.model.table_exchange is None:
+            self.model.shard_token_tables(shard_of(self.device_mesh, self.model_cfg.vocab_size), self.table_seed)
         if self.device_mesh is not None and not self._sharded:
             apply_fsdp(
                 self.model, self.device_mesh, **self.parallel, row_sparse_tables=self.optim_cfg.row_sparse_tables
@@ -93,13 +107,55 @@ class LMModule(L.LightningModule):
         return loss
 
     def on_fit_start(self) -> None:
-        if self.optim_cfg.row_sparse_tables and self.trainer.world_size > 1:
+        if self._row_exchange:
             # DDP broadcasts rank 0's parameters when it wraps the model, but not the tables it ignores.
             for table in self.model.token_tables():
                 torch.distributed.broadcast(table.weight.data, src=0)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.model.table_exchange is not None:
+            self.model.table_exchange.bytes_sent = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.model.table_exchange is not None:  # forward and backward of this step, not validation
+            self._table_bytes += self.model.table_exchange.bytes_sent
+            self._table_steps += 1
+
+    def on_train_end(self) -> None:
+        if self.model.token_tables():
+            self.table_traffic = self._table_record()
+
+    def _table_record(self) -> dict[str, Any]:
+        """summary.json's `tables`: how the token tables ran, the bytes of them (and of their optimizer state) each
+        rank held, the bytes each rank sent per step for them (measured; row-sharded), and what FSDP2 would send
+        per step if it sharded them as parameters (analytic, this run's dtypes and world size). Max over ranks."""
+        held = 0
+        states = self.trainer.optimizers[0].state if self.trainer.optimizers else {}
+        for table in self.model.token_tables():
+            for t in [table.weight, *states.get(table.weight, {}).values()]:
+                if torch.is_tensor(t):
+                    local = t.to_local() if hasattr(t, "to_local") else t
+                    held += local.numel() * local.element_size()
+        sent = self._table_bytes / self._table_steps if self.model.table_exchange is not None and self._table_steps else 0.0
+        stats = torch.tensor([float(held), sent], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+        world, device_type = self.trainer.world_size, self.device.type
+        param_dtype = compute_dtype(self.parallel.get("param_dtype", "auto"), device_type) or torch.float32
+        reduce_dtype = compute_dtype(self.parallel.get("reduce_dtype", "float32"), device_type) or torch.float32
+        gathers = 2 if self.parallel.get("reshard_after_forward", True) else 1
+        return {
+            "mode": "row_sharded" if self.row_sharded else "strategy",
+            "world": world,
+            "held_bytes_per_rank": int(stats[0]),
+            "bytes_sent_per_step": float(stats[1]) if self.row_sharded else None,
+            "fsdp_bytes_per_step": fsdp_table_bytes_per_step(
+                self.model_cfg, world, param_dtype.itemsize, reduce_dtype.itemsize, gathers
+            ),
+        }
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.optim_cfg.row_sparse_tables and self.trainer.world_size > 1:
+        if self._row_exchange:
             all_gather_row_grads([t.weight for t in self.model.token_tables()])
         self.model.update_router_biases()
 
@@ -111,7 +167,7 @@ class LMModule(L.LightningModule):
         if gradient_clip_algorithm == "value":
             clip_grad_value_(params, gradient_clip_val)
         else:
-            clip_grad_norm_(params, gradient_clip_val)
+            clip_grad_norm_(params, gradient_clip_val, sharded_tables=self.row_sharded)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         ce, _, n_tokens = self._losses(batch)

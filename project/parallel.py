@@ -1,4 +1,5 @@
-"""Data parallelism for the decoder (FSDP2 wrapping, used by `trainer=fsdp`) and `torch.compile` of its blocks
+"""Data parallelism for the decoder (FSDP2 wrapping, used by `trainer=fsdp`), the token tables' mode
+(`parallel.tables`; row-sharded tables in project/table_parallel.py) and `torch.compile` of its blocks
 (`parallel.compile`). Kept apart from the model definition, as in torchtitan; sharded checkpoints are
 consolidated in `project/checkpoint.py`."""
 
@@ -10,6 +11,8 @@ import torch
 
 from project.config import ConfigError
 from project.model import Transformer
+from project.optim import OptimConfig
+from project.table_parallel import TABLE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +74,29 @@ def apply_fsdp(
         fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **common)
     fully_shard(model, reshard_after_forward=False, **common)
     return model
+
+
+def table_mode(setting: str | None, optim: OptimConfig) -> str:
+    """The `parallel.tables` mode, or a clear error: row-sharded tables train on row-sparse gradients only."""
+    mode = setting or "strategy"
+    if mode not in TABLE_MODES:
+        raise ConfigError(f"parallel.tables={setting!r} is not one of {', '.join(TABLE_MODES)}")
+    if mode == "row_sharded" and not optim.row_sparse_tables:
+        raise ConfigError(
+            "parallel.tables=row_sharded updates each rank's rows with a row-sparse optimizer: set "
+            "optim.table_optimizer=adam or rowwise_adam (not adamw)"
+        )
+    return mode
+
+
+def check_table_strategy(mode: str, strategy: Any) -> None:
+    """Refuse row-sharded tables under DDP, whose checkpoints hold rank 0's state only (its rows, not the others')."""
+    name = strategy if isinstance(strategy, str) else str((strategy or {}).get("_target_", ""))
+    if mode == "row_sharded" and "ddp" in name.lower():
+        raise ConfigError(
+            "parallel.tables=row_sharded runs on one device or under trainer=fsdp (FSDP2: sharded checkpoints keep "
+            f"each rank's rows); trainer.strategy={name} would save rank 0's rows only"
+        )
 
 
 def compile_backend(setting: bool | str | None) -> str | None:

@@ -26,7 +26,7 @@ from project.checkpoint import AtomicCheckpointIO, is_sharded_checkpoint, read_c
 from project.io import atomic_write_json, atomic_write_text
 from project.lit_module import LMModule, perplexity
 from project.optim import SETTINGS_BEFORE_THEY_EXISTED, OptimConfig
-from project.parallel import compile_backend
+from project.parallel import check_table_strategy, compile_backend, table_mode
 from project.throughput import Throughput, check_peak_flops
 from project.run_dir import (
     RunCheckpoint, TrainingInterrupted, build_loggers, check_loggers, claim_run_dir, finish_loggers, is_rank_zero,
@@ -282,8 +282,9 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     check_loggers(cfg.get("logger"))  # a missing logger package fails here, not after the data is prepared
     configured_peak = check_peak_flops((cfg.get("mfu") or {}).get("peak_flops"))
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    OptimConfig.from_dict(optim)  # a bad optimizer setting fails here, not after the data is prepared
+    optim_cfg = OptimConfig.from_dict(optim)  # a bad optimizer setting fails here, not after the data is prepared
     compile_backend((cfg.get("parallel") or {}).get("compile"))  # so does a bad parallel.compile
+    check_table_strategy(table_mode((cfg.get("parallel") or {}).get("tables"), optim_cfg), cfg.trainer.get("strategy"))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -337,6 +338,7 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
         "mfu": throughput.mfu(throughput.tokens_per_sec),
         "peak_flops": throughput.peak_per_device,
         "checkpoint": str(checkpoint),
+        "tables": module.table_traffic,
         "model": model_cfg.to_dict(),
         "eval": {},
     }

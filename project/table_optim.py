@@ -49,17 +49,39 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
         # Under fp16 AMP the GradScaler must unscale the tables' gradients (and skip overflowing steps) for us.
         self._step_supports_amp_scaling = False
 
+    def _table_states(self, state_dict: dict):
+        """(param, key) of every table in `state_dict` that has state there."""
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if group.get("table_optimizer") is not None:
+                for p, key in zip(group["params"], saved_group["params"]):
+                    if key in state_dict["state"]:
+                        yield p, key
+
+    def state_dict(self) -> dict:
+        """torch's; a row-sharded table's per-row state (`[rows, ...]`, its flattened rows first) is saved as its
+        rows of the global state, like the table itself (`project.table_parallel.ShardedRows`)."""
+        state_dict = super().state_dict()
+        for p, key in list(self._table_states(state_dict)):
+            spec = getattr(p, "sharded_rows", None)
+            if spec is not None:  # a new dict: the saved one is the live state
+                state_dict["state"][key] = {
+                    k: spec.to_checkpoint(v) if torch.is_tensor(v) and v.dim() else v
+                    for k, v in state_dict["state"][key].items()
+                }
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, except that the tables' state comes back exactly as saved: torch casts floating state to the
-        parameter's dtype (bf16 state of an fp32 table, fp32 state of a bf16 table, the float row counts)."""
+        parameter's dtype (bf16 state of an fp32 table, fp32 state of a bf16 table, the float row counts).
+        A row-sharded table takes its own rows of the saved state."""
         super().load_state_dict(state_dict)
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            if group.get("table_optimizer") is None:
-                continue
-            for p, key in zip(group["params"], saved_group["params"]):
-                if key in state_dict["state"]:
-                    saved = state_dict["state"][key]
-                    self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+        for p, key in self._table_states(state_dict):
+            spec, state = getattr(p, "sharded_rows", None), {}
+            for k, v in state_dict["state"][key].items():
+                if spec is not None and hasattr(v, "to_local"):  # this rank's rows of a row-sharded table's state
+                    v = spec.local_state(v)
+                state[k] = v.to(p.device) if torch.is_tensor(v) else v
+            self.state[p] = state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,10 +150,11 @@ def _dense_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, sharded_tables: bool = False) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for a mix of dense (or FSDP2-sharded) and row-sparse gradients: the
-    global 2-norm counts every touched row once. Sparse gradients must be the same on every rank (after
-    `all_gather_row_grads`), so their share of the norm is not reduced again. Returns the norm before clipping."""
+    global 2-norm counts every touched row once. Sparse gradients are the same on every rank (after
+    `all_gather_row_grads`), so their share of the norm is not reduced again; with `sharded_tables` each rank
+    holds other rows (row-sharded tables), and their shares are summed over ranks. Returns the norm before clipping."""
     params = [p for p in parameters if p.grad is not None]
     sparse = [p for p in params if p.grad.is_sparse]
     for p in sparse:
@@ -141,9 +164,12 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     if dense:
         total_sq = total_sq + _dense_norm(dense).float().square().to(device)
+    sparse_sq = torch.zeros((), dtype=torch.float32, device=device)
     for p in sparse:
-        total_sq = total_sq + p.grad.values().float().square().sum()
-    total = total_sq.sqrt()
+        sparse_sq = sparse_sq + p.grad.values().float().square().sum()
+    if sharded_tables and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sparse_sq)
+    total = (total_sq + sparse_sq).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in dense:
         (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device, g.dtype))

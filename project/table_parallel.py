@@ -246,6 +246,13 @@ class ShardedRows:
         return DTensor.from_local(local, self.shard.mesh, [Shard(len(self.lead))], run_check=False, shape=shape,
                                   stride=stride)  # fmt: skip
 
+    def local_state(self, saved) -> torch.Tensor:
+        """An optimizer state saved by `to_checkpoint` (a DTensor), as the optimizer holds it: `[prod(lead) * rows, ...]`."""
+        local = saved.to_local()
+        if local.shape[len(self.lead)] != self.shard.rows:
+            raise ConfigError(f"optimizer state {tuple(local.shape)} does not hold this rank's {self.shard.rows} rows")
+        return local.reshape(-1, *local.shape[len(self.lead) + 1 :])
+
     def from_checkpoint(self, saved: torch.Tensor, local_shape: torch.Size, name: str) -> torch.Tensor:
         """This rank's rows of a saved value, shaped like `local_shape`: a DTensor's local rows, a tensor of this
         rank's rows, or a whole table (a consolidated checkpoint), cut to this rank's rows."""
