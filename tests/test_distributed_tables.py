@@ -1,6 +1,7 @@
 """Row-sparse token tables on 2 CPU ranks (gloo): DDP and FSDP2 match one process on the same global batch,
 a sharded checkpoint resumes on the same trajectory, and only touched rows cross between ranks (the tables
-are neither all-reduced by DDP nor sharded by FSDP).
+are neither all-reduced by DDP nor sharded by FSDP). Row-sharded tables (`parallel.tables=row_sharded`) under
+FSDP2 match one process and resume bit-identically.
 
 Deselect locally with `-m "not distributed"`."""
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from test_distributed import STEPS, assert_same_run, losses, run, two_ranks, weights
 
 from kernels.reference import row_sparse_grad
+from project.checkpoint import is_sharded_checkpoint
 from project.config import ModelConfig
 from project.table_optim import all_gather_row_grads
 
@@ -129,3 +131,40 @@ def test_only_touched_rows_cross_ranks_and_no_strategy_reduces_the_tables(tmp_pa
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(_ranks, args=(2, str(tmp_path / "init"), errors), nprocs=2, join=True, start_method="spawn")
     assert errors.empty()
+
+
+ROW_SHARDED = "parallel.tables=row_sharded"
+
+
+@pytest.mark.parametrize("variant", ["jtok", "jtok_m", "moe_jtok_m"])
+def test_row_sharded_tables_on_two_ranks_match_one_process_on_the_same_global_batch(variant, cache, tmp_path):
+    """One process holds every row (world 1: the same exchange path, nothing sent); two ranks hold half each. Both
+    start from the same tables (`init_rows` draws rows by seed, whatever the world size)."""
+    single = run(tmp_path / "single", cache, f"model={variant}", ROW_SHARDED, "data.batch_size=4")
+    multi = run(tmp_path / "multi", cache, f"model={variant}", ROW_SHARDED, *two_ranks("fsdp"))
+    assert_same_run(tmp_path / "single", tmp_path / "multi")
+    assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+    a, b = weights(Path(single["checkpoint"])), weights(Path(multi["checkpoint"]))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
+    one, two = single["tables"], multi["tables"]
+    assert (one["mode"], one["world"], one["bytes_sent_per_step"]) == ("row_sharded", 1, 0.0)
+    assert (two["mode"], two["world"]) == ("row_sharded", 2) and two["bytes_sent_per_step"] > 0
+    # Each rank holds its half of the rows (and of their optimizer state): V = 384 splits evenly.
+    assert two["held_bytes_per_rank"] == one["held_bytes_per_rank"] // 2
+
+
+def test_row_sharded_checkpoint_resumes_bit_identically(cache, tmp_path):
+    overrides = ["model=moe_jtok_m", ROW_SHARDED, *two_ranks("fsdp"), "checkpoint.every_n_train_steps=3",
+                 "checkpoint.keep_all=true"]  # fmt: skip
+    full = run(tmp_path / "full", cache, *overrides)
+    midway = tmp_path / "full/checkpoints/step0000003.ckpt"
+    assert is_sharded_checkpoint(midway)
+    resumed = run(tmp_path / "resumed", cache, *overrides, f"ckpt_path={midway}")
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert set(b) == {3, 4, 5}
+    # Bit-identical by construction: the same ranks redo the same float32 operations in the same order from exact
+    # copies of every rank's rows, their optimizer state, the backbone's shards and the sampler position.
+    assert all(b[step] == a[step] for step in (3, 4, 5)), (a, b)
+    wa, wb = weights(Path(full["checkpoint"])), weights(Path(resumed["checkpoint"]))
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)

@@ -183,3 +183,31 @@ def test_initial_rows_do_not_depend_on_the_world_size():
 def test_a_vocabulary_too_small_for_the_ranks_is_refused():
     with pytest.raises(ConfigError, match="cannot give each of 4 ranks rows of its own"):
         RowShard(9, rank=0, world=4)  # ceil(9 / 4) = 3 rows each: the 4th rank would own none
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tables=row_sharded", "trainer=ddp"], "would save rank 0's rows only"),
+    (["parallel.tables=row_sharded", "optim.table_optimizer=adamw"], "set optim.table_optimizer=adam or rowwise_adam"),
+    (["parallel.tables=sideways"], "parallel.tables='sideways' is not one of strategy, row_sharded"),
+])  # fmt: skip
+def test_a_table_mode_that_cannot_run_fails_before_any_work(overrides, message, make_cfg, tmp_path):
+    from project.pipeline import train
+
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg("model=jtok_m", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_one_process_row_sharded_run_writes_an_ordinary_checkpoint(make_cfg, tmp_path):
+    from project.checkpoint import load_model
+    from project.pipeline import train
+
+    summary = train(make_cfg("model=jtok_m", "parallel.tables=row_sharded", "trainer.max_steps=2")).summary
+    tables = summary["tables"]
+    assert (tables["mode"], tables["world"], tables["bytes_sent_per_step"]) == ("row_sharded", 1, 0.0)
+    cfg = ModelConfig.from_dict(summary["model"])
+    pool = cfg.n_layers * cfg.jtokm_tables * cfg.vocab_size * cfg.d_model * 4  # bytes of every table, float32
+    assert tables["held_bytes_per_rank"] > 3 * pool  # the tables, Adam's two moments and the row counts
+    assert tables["fsdp_bytes_per_step"] == 0  # one rank: FSDP would send nothing either
+    loaded = load_model(summary["checkpoint"]).model  # the whole tables, loadable without the exchange
+    assert loaded.layers[0].jtok_m.tables.weight.shape == (cfg.jtokm_tables, cfg.vocab_size, cfg.d_model)
