@@ -150,8 +150,9 @@ def test_row_sharded_tables_on_two_ranks_match_one_process_on_the_same_global_ba
     one, two = single["tables"], multi["tables"]
     assert (one["mode"], one["world"], one["bytes_sent_per_step"]) == ("row_sharded", 1, 0.0)
     assert (two["mode"], two["world"]) == ("row_sharded", 2) and two["bytes_sent_per_step"] > 0
-    # Each rank holds its half of the rows (and of their optimizer state): V = 384 splits evenly.
-    assert two["held_bytes_per_rank"] == one["held_bytes_per_rank"] // 2
+    # Each rank holds its half of the rows and of their optimizer state (V = 384 splits evenly); only the
+    # optimizer's per-table step counters are whole on both.
+    assert two["held_bytes_per_rank"] == pytest.approx(one["held_bytes_per_rank"] / 2, rel=1e-3)
 
 
 def test_row_sharded_checkpoint_resumes_bit_identically(cache, tmp_path):
