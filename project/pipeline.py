@@ -101,9 +101,11 @@ def resume_record(ckpt_path: str) -> dict[str, Any]:
     return read_checkpoint(path)
 
 
-def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], data: dict[str, Any]) -> int:
+def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], data: dict[str, Any],
+                 tables: str = "strategy") -> int:  # fmt: skip
     """Fail before training if the checkpoint is unreadable or was trained with other settings (model, optimizer,
-    data source, tokenizer), naming every differing field; return the step it resumes from."""
+    data source, tokenizer, `parallel.tables`: its checkpoints lay the tables' optimizer state out otherwise), naming
+    every differing field; return the step it resumes from."""
     record = resume_record(ckpt_path)
     saved_model = ModelConfig.from_dict(record["hyper_parameters"]["model"]).to_dict()
     # Optimizer settings in full: a setting added since the checkpoint compares at the value it was trained with.
@@ -111,6 +113,8 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
     saved_optim = {**SETTINGS_BEFORE_THEY_EXISTED, **(record["hyper_parameters"].get("optim") or {})}
     saved_optim = asdict(OptimConfig.from_dict(saved_optim))
     theirs = {**flatten(saved_model, "model"), **flatten(saved_optim, "optim")}
+    ours["parallel.tables"] = tables
+    theirs["parallel.tables"] = (record["hyper_parameters"].get("parallel") or {}).get("tables") or "strategy"
     if record.get("data_identity") is not None:
         ours.update(flatten(data, "data"))
         theirs.update(flatten(record["data_identity"], "data"))
@@ -284,14 +288,15 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim_cfg = OptimConfig.from_dict(optim)  # a bad optimizer setting fails here, not after the data is prepared
     compile_backend((cfg.get("parallel") or {}).get("compile"))  # so does a bad parallel.compile
-    check_table_strategy(table_mode((cfg.get("parallel") or {}).get("tables"), optim_cfg), cfg.trainer.get("strategy"))
+    tables = table_mode((cfg.get("parallel") or {}).get("tables"), optim_cfg)
+    check_table_strategy(tables, cfg.trainer.get("strategy"))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model_cfg, plan = prepare_data(cfg)
     tokenizer_json = datamodule.tokenizer.to_str()
     data = data_identity(cfg, datamodule, tokenizer_json)
-    resume_step = check_resume(cfg.ckpt_path, model_cfg, optim, data) if cfg.ckpt_path else 0
+    resume_step = check_resume(cfg.ckpt_path, model_cfg, optim, data, tables) if cfg.ckpt_path else 0
     if is_rank_zero():
         claim_run_dir(run_dir, cfg)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -198,7 +198,7 @@ def test_a_table_mode_that_cannot_run_fails_before_any_work(overrides, message, 
     assert not (tmp_path / "run").exists()
 
 
-def test_a_one_process_row_sharded_run_writes_an_ordinary_checkpoint(make_cfg, tmp_path):
+def test_a_one_process_row_sharded_run_writes_an_ordinary_checkpoint_resumed_in_its_own_mode(make_cfg, tmp_path):
     from project.checkpoint import load_model
     from project.pipeline import train
 
@@ -211,3 +211,7 @@ def test_a_one_process_row_sharded_run_writes_an_ordinary_checkpoint(make_cfg, t
     assert tables["fsdp_bytes_per_step"] == 0  # one rank: FSDP would send nothing either
     loaded = load_model(summary["checkpoint"]).model  # the whole tables, loadable without the exchange
     assert loaded.layers[0].jtok_m.tables.weight.shape == (cfg.jtokm_tables, cfg.vocab_size, cfg.d_model)
+    # Resuming switches no table mode: the optimizer state is laid out per mode.
+    with pytest.raises(ConfigError, match="parallel.tables: checkpoint 'row_sharded' vs config 'strategy'"):
+        train(make_cfg("model=jtok_m", "trainer.max_steps=4", f"ckpt_path={summary['checkpoint']}",
+                       run_dir=tmp_path / "resumed"))  # fmt: skip
