@@ -242,3 +242,88 @@ def test_row_sharded_tables_under_compiled_blocks_match_eager(variant):
         assert set(grads[0]) == set(grads[1])
         for name in grads[0]:
             assert_close(name, grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def _save_two_ranks(rank: int, folder: str) -> None:
+    """One step of jtok_m's row-sharded tables with rowwise Adam on 2 ranks, then a distributed checkpoint (as
+    Lightning's ModelParallelStrategy writes it) and each rank's own rows and state, to compare with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model, optimizer = _sharded_with_optimizer(mesh)
+    _loss(model, _batch().chunk(WORLD)[rank]).backward()
+    optimizer.step()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=folder)
+    table = model.layers[0].jtok_m.tables.weight
+    torch.save({"rows": table.detach(), "state": dict(optimizer.state[table])}, f"{folder}/rank{rank}.pt")
+
+
+def _load_one_rank(rank: int, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, optimizer = _sharded_with_optimizer(init_device_mesh("cpu", (1,)))
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    saved = [torch.load(f"{folder}/rank{r}.pt") for r in range(WORLD)]
+    table = model.layers[0].jtok_m.tables.weight
+    # The one rank holds both ranks' rows, of the table and of each per-row state, in order (copied: exact).
+    assert torch.equal(table.detach(), torch.cat([s["rows"] for s in saved], dim=1))
+    state = optimizer.state[table]
+    for key in ("exp_avg", "exp_avg_sq", "row_step"):
+        n_e = table.shape[0]
+        parts = [s["state"][key].reshape(n_e, -1, *s["state"][key].shape[1:]) for s in saved]
+        assert torch.equal(state[key], torch.cat(parts, dim=1).reshape(state[key].shape)), key
+    assert int(state["step"]) == 1
+
+
+def _sharded_with_optimizer(mesh):
+    cfg = ModelConfig(variant="jtok_m", **CFG)
+    model = Transformer(cfg, deferred_tables=True)
+    model.use_row_sparse_grads(True)
+    model.shard_token_tables(RowShard(cfg.vocab_size, mesh.get_local_rank(), mesh.size(), mesh.get_group(), mesh), 0)
+    tables = [t.weight for t in model.token_tables()]
+    others = [p for p in model.parameters() if all(p is not t for t in tables)]
+    optimizer = AdamWWithRowSparseTables(
+        [{"params": others}, {"params": tables, "table_optimizer": "rowwise_adam", "weight_decay": 0.0}], lr=1e-2)
+    return model, optimizer
+
+
+def _spawned(rank: int, world: int, fn, folder: str, init_file: str, errors) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        fn(rank, folder)
+    except BaseException as e:
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_sharded_checkpoint_re_shards_onto_another_world_size(tmp_path):
+    """Rows and their optimizer state are saved as rows of the global tables, so a checkpoint of 2 ranks loads
+    onto 1 (each rank reads the rows it now owns)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    try:
+        for world, fn in ((WORLD, _save_two_ranks), (1, _load_one_rank)):
+            mp.start_processes(_spawned, args=(world, fn, str(folder), str(tmp_path / f"init{world}"), errors),
+                               nprocs=world, join=True, start_method="spawn")  # fmt: skip
+    finally:
+        messages = []
+        while not errors.empty():
+            messages.append(errors.get())
+    assert not messages, "\n".join(messages)
