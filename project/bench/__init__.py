@@ -1,5 +1,6 @@
 """Benchmarks that time whole models, variants interleaved in one process: `python -m project.bench.generate`,
-`python -m project.bench.train_step`."""
+`python -m project.bench.train_step`; and `python -m project.bench.table_parallel`, the token tables' memory and
+bytes per step on several ranks."""
 
 from __future__ import annotations
 
