@@ -167,7 +167,9 @@ class LMModule(L.LightningModule):
         if gradient_clip_algorithm == "value":
             clip_grad_value_(params, gradient_clip_val)
         else:
-            clip_grad_norm_(params, gradient_clip_val, sharded_tables=self.row_sharded)
+            exchange = self.model.table_exchange
+            clip_grad_norm_(params, gradient_clip_val, sharded_tables=exchange is not None,
+                            group=exchange.shard.group if exchange is not None else None)  # fmt: skip
 
     def validation_step(self, batch, batch_idx: int) -> None:
         ce, _, n_tokens = self._losses(batch)

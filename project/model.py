@@ -19,7 +19,8 @@ from kernels.reference import expert_counts
 from project.config import ModelConfig
 from project.kv_cache import KVCache
 from project.table_parallel import (
-    Route, RowShard, ShardedRows, TableExchange, fetch_rows, init_rows, load_rows_hook, premix, save_rows_hook,
+    Route, RowShard, ShardedRows, TableExchange, Uncast, fetch_rows, init_rows, load_rows_hook, premix,
+    save_rows_hook,
 )
 
 
@@ -55,8 +56,9 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor)
 
 
 class ServedRows(NamedTuple):
-    """Token-table rows gathered ahead of a step (tables kept in host memory, `project.generate.HostTables`):
-    `ids_BT` index the gathered rows, `weights[l]` is layer l's `[U, d]` (JTok) or `[n_e, U, d]` (JTok-M)."""
+    """Token-table rows gathered ahead of a step (tables kept in host memory, `project.generate.HostTables`; JTok's
+    row-sharded tables): `ids_BT` index the gathered rows, `weights[l]` is layer l's `[U, d]` (JTok) or `[n_e, U, d]`
+    (JTok-M), possibly wrapped in `Uncast`."""
 
     ids_BT: torch.Tensor
     weights: list[torch.Tensor]
@@ -197,8 +199,8 @@ class TokenTable(nn.Module):
 
     def take_rows(self, shard: RowShard, seed: int) -> None:
         """Keep only the rows `shard` gives this rank, drawn by `init_rows` from `seed` (row-sharded tables)."""
-        device = None if self.weight.is_meta else self.weight.device
-        rows = init_rows(self.global_shape, shard, self.init_std, seed, device=device).to(self.weight.dtype)
+        device = "cpu" if self.weight.is_meta else self.weight.device  # the strategy moves the model afterwards
+        rows = init_rows(self.global_shape, shard, self.init_std, seed).to(device, self.weight.dtype)
         self.weight = nn.Parameter(rows)
         self.weight.sharded_rows = ShardedRows(shard, self.global_shape[:-2])  # read by checkpoints and the optimizer
         self.shard = shard
@@ -231,7 +233,7 @@ class JTok(nn.Module):
                 table_VD: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """`table_VD` replaces the own table with rows gathered ahead (then `ids_N` index those)."""
         own = table_VD is None
-        table_VD = self.table.rows() if own else table_VD
+        table_VD = self.table.rows() if own else table_VD.tensor if isinstance(table_VD, Uncast) else table_VD
         out_ND = kernels.jtok_gate(m_ND, ids_N, table_VD, self.scale, self.eps, residual_ND=h_ND, validate=False,
                                    sparse_grad=self.table.sparse_grad and own)  # fmt: skip
         return out_ND.to(h_ND.dtype)  # a table kept out of mixed precision (row-sparse under FSDP) stays fp32
@@ -387,7 +389,7 @@ class Transformer(nn.Module):
         if per_token:
             return None, route
         rows_ULD = fetch_rows(route, [block.jtok.table.weight for block in self.layers])
-        return ServedRows(route.inverse_N.view(ids_BT.shape), list(rows_ULD.unbind(1))), None
+        return ServedRows(route.inverse_N.view(ids_BT.shape), [Uncast(rows) for rows in rows_ULD.unbind(1)]), None
 
     def shard_token_tables(self, shard: RowShard, seed: int) -> None:
         """Row-shard every token table: keep the rows `shard` gives this rank (initialised from `seed`, the same

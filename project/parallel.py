@@ -89,13 +89,18 @@ def table_mode(setting: str | None, optim: OptimConfig) -> str:
     return mode
 
 
-def check_table_strategy(mode: str, strategy: Any) -> None:
-    """Refuse row-sharded tables under DDP, whose checkpoints hold rank 0's state only (its rows, not the others')."""
+def check_table_strategy(mode: str, trainer: Any) -> None:
+    """Refuse row-sharded tables on several devices under anything but FSDP2 (`trainer=fsdp`): DDP (also what
+    `strategy=auto` picks for several devices) writes rank 0's state only, which would lose the other ranks' rows."""
+    strategy = trainer.get("strategy", "auto")
     name = strategy if isinstance(strategy, str) else str((strategy or {}).get("_target_", ""))
-    if mode == "row_sharded" and "ddp" in name.lower():
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    one_device = devices in (1, "1", [0]) or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    if mode == "row_sharded" and "ModelParallelStrategy" not in name and not (one_device and nodes in (1, None)):
         raise ConfigError(
-            "parallel.tables=row_sharded runs on one device or under trainer=fsdp (FSDP2: sharded checkpoints keep "
-            f"each rank's rows); trainer.strategy={name} would save rank 0's rows only"
+            "parallel.tables=row_sharded runs on one device (trainer.devices=1) or under trainer=fsdp (FSDP2: "
+            f"sharded checkpoints keep each rank's rows); trainer.strategy={name} on trainer.devices={devices} "
+            "would save rank 0's rows only"
         )
 
 

@@ -65,7 +65,7 @@ class AdamWWithRowSparseTables(torch.optim.AdamW):
             spec = getattr(p, "sharded_rows", None)
             if spec is not None:  # a new dict: the saved one is the live state
                 state_dict["state"][key] = {
-                    k: spec.to_checkpoint(v) if torch.is_tensor(v) and v.dim() else v
+                    k: spec.to_checkpoint(v, flattened=True) if torch.is_tensor(v) and v.dim() else v
                     for k, v in state_dict["state"][key].items()
                 }
         return state_dict
@@ -150,11 +150,12 @@ def _dense_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
 
 
-def clip_grad_norm_(parameters, max_norm: float, sharded_tables: bool = False) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, sharded_tables: bool = False, group=None) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for a mix of dense (or FSDP2-sharded) and row-sparse gradients: the
     global 2-norm counts every touched row once. Sparse gradients are the same on every rank (after
-    `all_gather_row_grads`), so their share of the norm is not reduced again; with `sharded_tables` each rank
-    holds other rows (row-sharded tables), and their shares are summed over ranks. Returns the norm before clipping."""
+    `all_gather_row_grads`), so their share of the norm is not reduced again; with `sharded_tables` each rank of
+    `group` holds other rows (row-sharded tables), and their shares are summed over it. Returns the norm before
+    clipping."""
     params = [p for p in parameters if p.grad is not None]
     sparse = [p for p in params if p.grad.is_sparse]
     for p in sparse:
@@ -168,7 +169,7 @@ def clip_grad_norm_(parameters, max_norm: float, sharded_tables: bool = False) -
     for p in sparse:
         sparse_sq = sparse_sq + p.grad.values().float().square().sum()
     if sharded_tables and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sparse_sq)
+        dist.all_reduce(sparse_sq, group=group)
     total = (total_sq + sparse_sq).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in dense:

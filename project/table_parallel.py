@@ -70,20 +70,21 @@ class RowShard:
         return torch.div(ids, self.rows_per_rank, rounding_mode="floor")
 
 
-def init_rows(shape: tuple[int, ...], shard: RowShard, std: float, seed: int, device=None) -> torch.Tensor:
+def init_rows(shape: tuple[int, ...], shard: RowShard, std: float, seed: int) -> torch.Tensor:
     """This rank's rows of a table of global `shape` (`[V, d]` or `[n, V, d]`), drawn from N(0, std) in chunks of
     `INIT_CHUNK_ROWS` rows, each chunk from its own seed: the values of a row depend on `seed` only, not on the
-    world size, so runs on 1 and on 2 ranks start from the same tables (and no rank draws a whole table)."""
+    world size, so runs on 1 and on 2 ranks start from the same tables (and no rank draws a whole table). Drawn on
+    the CPU in float32, whatever the default device and dtype: CUDA's generator would give other values."""
     *lead, vocab, d = shape
-    out = torch.empty(*lead, shard.rows, d, device=device)
+    out = torch.empty(*lead, shard.rows, d, device="cpu", dtype=torch.float32)
     first, last = shard.start // INIT_CHUNK_ROWS, (shard.stop - 1) // INIT_CHUNK_ROWS
     for table in range(math.prod(lead)):
         out_VD = out.view(-1, shard.rows, d)[table]
         for chunk in range(first, last + 1):
             lo, hi = chunk * INIT_CHUNK_ROWS, min(vocab, (chunk + 1) * INIT_CHUNK_ROWS)
             chunk_seed = ((seed * 1_000_003 + table) * 65_537 + chunk) % 2**63
-            generator = torch.Generator(device=out.device).manual_seed(chunk_seed)
-            values = torch.randn(hi - lo, d, generator=generator, device=out.device).mul_(std)
+            generator = torch.Generator(device="cpu").manual_seed(chunk_seed)
+            values = torch.randn(hi - lo, d, generator=generator, device="cpu", dtype=torch.float32).mul_(std)
             a, b = max(lo, shard.start), min(hi, shard.stop)
             out_VD[a - shard.start : b - shard.start] = values[a - lo : b - lo]
     return out
@@ -143,6 +144,16 @@ class Route:
     def unsort(self, x_sorted: torch.Tensor) -> torch.Tensor:
         """Per-token replies in owner order back to token order (per_token routes)."""
         return torch.empty_like(x_sorted).index_copy_(0, self.order_N, x_sorted)
+
+
+class Uncast:
+    """Fetched rows handed to an FSDP2 unit as they are: FSDP2 casts the floating tensors among a unit's arguments
+    to its compute dtype (bf16), and the rows must stay in the tables' dtype, as a table read inside the unit does."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
 
 def _shape_of(table: torch.Tensor) -> torch.Tensor:
@@ -233,13 +244,14 @@ class ShardedRows:
     shard: RowShard
     lead: tuple[int, ...]  # () for JTok's [V, d], (n_e,) for JTok-M's [n_e, V, d]
 
-    def to_checkpoint(self, local: torch.Tensor) -> torch.Tensor:
-        """`local`: `[*lead, rows, ...]` or flattened `[prod(lead) * rows, ...]` (the optimizer's per-row state)."""
+    def to_checkpoint(self, local: torch.Tensor, flattened: bool = False) -> torch.Tensor:
+        """`local`: `[*lead, rows, ...]` (the table), or with `flattened` `[prod(lead) * rows, ...]` (the optimizer's
+        per-row state)."""
         if self.shard.mesh is None:
             return local
         from torch.distributed.tensor import DTensor, Shard
 
-        rest = local.shape[len(self.lead) + 1 :] if local.shape[: len(self.lead)] == self.lead else local.shape[1:]
+        rest = local.shape[1:] if flattened else local.shape[len(self.lead) + 1 :]
         local = local.reshape(*self.lead, self.shard.rows, *rest)
         shape = torch.Size((*self.lead, self.shard.vocab, *rest))
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))

@@ -187,6 +187,7 @@ def test_a_vocabulary_too_small_for_the_ranks_is_refused():
 
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.tables=row_sharded", "trainer=ddp"], "would save rank 0's rows only"),
+    (["parallel.tables=row_sharded", "trainer.devices=2"], "strategy=auto on trainer.devices=2 would save rank 0"),
     (["parallel.tables=row_sharded", "optim.table_optimizer=adamw"], "set optim.table_optimizer=adam or rowwise_adam"),
     (["parallel.tables=sideways"], "parallel.tables='sideways' is not one of strategy, row_sharded"),
 ])  # fmt: skip
@@ -322,6 +323,51 @@ def test_a_sharded_checkpoint_re_shards_onto_another_world_size(tmp_path):
         for world, fn in ((WORLD, _save_two_ranks), (1, _load_one_rank)):
             mp.start_processes(_spawned, args=(world, fn, str(folder), str(tmp_path / f"init{world}"), errors),
                                nprocs=world, join=True, start_method="spawn")  # fmt: skip
+    finally:
+        messages = []
+        while not errors.empty():
+            messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+
+
+def _bf16_fsdp_one_rank(rank: int, folder: str) -> None:
+    """FSDP2 computing in bf16: row-sharded JTok rows reach the gate in float32, as a local (ignored) table's do, so
+    the tables' gradients equal those of the tables kept whole on the rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from project.parallel import apply_fsdp
+
+    mesh = init_device_mesh("cpu", (1,))
+    cfg = ModelConfig(variant="jtok", **CFG)
+    torch.manual_seed(0)
+    whole = Transformer(cfg)
+    sharded = Transformer(cfg, deferred_tables=True)
+    sharded.shard_token_tables(RowShard(cfg.vocab_size, 0, 1, mesh.get_group(), mesh), seed=0)
+    sharded.load_state_dict(whole.state_dict())
+    grads, rows = [], []
+    for model in (whole, sharded):
+        model.use_row_sparse_grads(True)
+        apply_fsdp(model, mesh, param_dtype="bfloat16", row_sparse_tables=True)
+        for block in model.layers:  # what reaches the JTok unit: rows given by the exchange, or none (own table)
+            block.jtok.register_forward_pre_hook(lambda module, args: rows.append(args[3] if len(args) > 3 else None))
+        _loss(model, _batch()).backward()
+        grads.append([t.weight.grad.to_dense() for t in model.token_tables()])
+    assert len(rows) == 2 * cfg.n_layers and rows[: cfg.n_layers] == [None] * cfg.n_layers
+    assert all(r.tensor.dtype == torch.float32 for r in rows[cfg.n_layers :])  # not cast to bf16 on the way in
+    for layer, (want, got) in enumerate(zip(*grads)):
+        # The same bf16 backbone ops on both sides and float32 rows either way (seen equal). Gradients are ~1e-5:
+        # rows rounded to bf16 would move them by ~1e-3 of that, beyond this bound.
+        assert_close(f"layer {layer} table", got, want, atol=1e-9, rtol=1e-5)
+
+
+@pytest.mark.distributed
+def test_row_sharded_rows_keep_the_tables_dtype_under_fsdp_mixed_precision(tmp_path):
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        mp.start_processes(_spawned, args=(1, _bf16_fsdp_one_rank, str(tmp_path), str(tmp_path / "init"), errors),
+                           nprocs=1, join=True, start_method="spawn")  # fmt: skip
     finally:
         messages = []
         while not errors.empty():
