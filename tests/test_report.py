@@ -287,3 +287,20 @@ def test_every_variant_is_compared_with_baseline_and_moe(tmp_path):
                      ("moe_jtok_m", "baseline"), ("moe_jtok_m", "moe")}  # fmt: skip
     (moe_m,) = [r for r in report["seeds"] if (r["variant"], r["vs"]) == ("moe_jtok_m", "moe")]
     assert moe_m["delta"] == pytest.approx(-0.1) and moe_m["verdict"] == "better"
+
+
+def test_the_csv_carries_each_run_s_table_traffic(tmp_path):
+    sweep = tmp_path / "runs" / "multirun_t"
+    make_run(sweep / "0_baseline_s0", "baseline", 0, 3.00, 0.25, 0.40)
+    summary_path = make_run(sweep / "1_jtok_m_s0", "jtok_m", 0, 2.90, 0.27, 0.50) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["tables"] = {"mode": "row_sharded", "world": 2, "held_bytes_per_rank": 1000,
+                         "bytes_sent_per_step": 250.5, "fsdp_bytes_per_step": 6000}  # fmt: skip
+    summary_path.write_text(json.dumps(summary))
+    build_report([str(sweep)], tmp_path / "report")
+    with open(tmp_path / "report" / "report.csv", newline="") as f:
+        table = {r["variant"]: r for r in csv.DictReader(f)}
+    row = table["jtok_m"]
+    assert (row["tables_mode"], row["tables_held_bytes_per_rank"]) == ("row_sharded", "1000")
+    assert (row["tables_bytes_sent_per_step"], row["tables_fsdp_bytes_per_step"]) == ("250.5", "6000")
+    assert table["baseline"]["tables_mode"] == ""  # no tables: empty cells

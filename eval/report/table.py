@@ -13,6 +13,7 @@ BENCHMARK_ORDER = ("facts_qa", "facts_qa_heldout", "facts_qa_train", "mmlu", "ar
 BASE_COLUMNS = (
     "sweep", "run", "variant", "seed", "params_total", "params_backbone", "params_token_indexed", "params_active",
     "flops_per_token", "train_tokens", "steps", "val_loss", "val_ppl", "tokens_per_sec", "delta_val_loss",
+    "tables_mode", "tables_held_bytes_per_rank", "tables_bytes_sent_per_step", "tables_fsdp_bytes_per_step",
 )  # fmt: skip
 
 
@@ -49,6 +50,10 @@ def run_row(run: Run, benchmarks: list[str]) -> dict[str, Any]:
         "val_ppl": s.get("val_ppl"),
         "tokens_per_sec": s.get("tokens_per_sec"),
     }
+    tables = s.get("tables") or {}  # the token tables' parallelism (project/lit_module.py: _table_record)
+    row["tables_mode"] = tables.get("mode")
+    for key in ("held_bytes_per_rank", "bytes_sent_per_step", "fsdp_bytes_per_step"):
+        row[f"tables_{key}"] = tables.get(key)
     evals = s.get("eval") or {}
     for b in benchmarks:
         entry = evals.get(b)
