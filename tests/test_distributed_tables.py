@@ -7,13 +7,11 @@ Deselect locally with `-m "not distributed"`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import spawn_ranks
 from test_distributed import STEPS, assert_same_run, losses, run, two_ranks, weights
 
 from kernels.reference import row_sparse_grad
@@ -70,18 +68,6 @@ def test_row_sparse_sharded_checkpoint_resumes_on_the_same_trajectory(cache, tmp
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def _ranks(rank: int, world: int, init_file: str, errors) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        _check_exchange_and_wrapping(rank, world)
-    except BaseException as e:  # reported to the parent, which fails the test with it
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _check_exchange_and_wrapping(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -126,11 +112,7 @@ def _check_exchange_and_wrapping(rank: int, world: int) -> None:
 
 
 def test_only_touched_rows_cross_ranks_and_no_strategy_reduces_the_tables(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_ranks, args=(2, str(tmp_path / "init"), errors), nprocs=2, join=True, start_method="spawn")
-    assert errors.empty()
+    spawn_ranks(2, _check_exchange_and_wrapping, 2, folder=tmp_path)
 
 
 ROW_SHARDED = "parallel.tables=row_sharded"

@@ -6,14 +6,13 @@ Deselect the 2-rank tests locally with `-m "not distributed"`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from spawn import spawn_ranks
 from tensor_asserts import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,33 +115,10 @@ def _check_rank(rank: int, variant: str, reference_file: str) -> None:
         assert_close(name, grad, expected, atol=1e-6, rtol=1e-4)
 
 
-def _ranks(rank: int, variant: str, reference_file: str, init_file: str, errors) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        _check_rank(rank, variant, reference_file)
-    except BaseException as e:  # reported to the parent, which fails the test with it
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_two_ranks_match_one_process_on_the_same_global_batch(variant, tmp_path):
-    reference = _reference(variant, tmp_path)
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        mp.start_processes(_ranks, args=(variant, str(reference), str(tmp_path / "init"), errors), nprocs=WORLD,
-                           join=True, start_method="spawn")  # fmt: skip
-    finally:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-    assert not messages, "\n".join(messages)
+    spawn_ranks(WORLD, _check_rank, variant, str(_reference(variant, tmp_path)), folder=tmp_path)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -298,39 +274,17 @@ def _sharded_with_optimizer(mesh):
     return model, optimizer
 
 
-def _spawned(rank: int, world: int, fn, folder: str, init_file: str, errors) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        fn(rank, folder)
-    except BaseException as e:
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_a_sharded_checkpoint_re_shards_onto_another_world_size(tmp_path):
     """Rows and their optimizer state are saved as rows of the global tables, so a checkpoint of 2 ranks loads
     onto 1 (each rank reads the rows it now owns)."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    try:
-        for world, fn in ((WORLD, _save_two_ranks), (1, _load_one_rank)):
-            mp.start_processes(_spawned, args=(world, fn, str(folder), str(tmp_path / f"init{world}"), errors),
-                               nprocs=world, join=True, start_method="spawn")  # fmt: skip
-    finally:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-    assert not messages, "\n".join(messages)
+    spawn_ranks(WORLD, _save_two_ranks, str(folder), folder=tmp_path)
+    spawn_ranks(1, _load_one_rank, str(folder), folder=tmp_path)
 
 
-def _bf16_fsdp_one_rank(rank: int, folder: str) -> None:
+def _bf16_fsdp_one_rank(rank: int) -> None:
     """FSDP2 computing in bf16: row-sharded JTok rows reach the gate in float32, as a local (ignored) table's do, so
     the tables' gradients equal those of the tables kept whole on the rank."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -362,14 +316,4 @@ def _bf16_fsdp_one_rank(rank: int, folder: str) -> None:
 
 @pytest.mark.distributed
 def test_row_sharded_rows_keep_the_tables_dtype_under_fsdp_mixed_precision(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        mp.start_processes(_spawned, args=(1, _bf16_fsdp_one_rank, str(tmp_path), str(tmp_path / "init"), errors),
-                           nprocs=1, join=True, start_method="spawn")  # fmt: skip
-    finally:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-    assert not messages, "\n".join(messages)
+    spawn_ranks(1, _bf16_fsdp_one_rank, folder=tmp_path)
