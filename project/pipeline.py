@@ -113,8 +113,9 @@ def check_resume(ckpt_path: str, model_cfg: ModelConfig, optim: dict[str, Any], 
     saved_optim = {**SETTINGS_BEFORE_THEY_EXISTED, **(record["hyper_parameters"].get("optim") or {})}
     saved_optim = asdict(OptimConfig.from_dict(saved_optim))
     theirs = {**flatten(saved_model, "model"), **flatten(saved_optim, "optim")}
-    ours["parallel.tables"] = tables
-    theirs["parallel.tables"] = (record["hyper_parameters"].get("parallel") or {}).get("tables") or "strategy"
+    if model_cfg.modulator != "none":
+        ours["parallel.tables"] = tables
+        theirs["parallel.tables"] = (record["hyper_parameters"].get("parallel") or {}).get("tables") or "strategy"
     if record.get("data_identity") is not None:
         ours.update(flatten(data, "data"))
         theirs.update(flatten(record["data_identity"], "data"))
