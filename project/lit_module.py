@@ -67,12 +67,12 @@ class LMModule(L.LightningModule):
 
     @property
     def _row_exchange(self) -> bool:
-        """Whether the tables' gradient rows must be exchanged after backward (row-sparse, replicated, several ranks)."""
+        """Whether the tables' gradient rows are exchanged after backward (row-sparse, replicated, several ranks)."""
         return self.optim_cfg.row_sparse_tables and not self.row_sharded and self.trainer.world_size > 1
 
     def configure_model(self) -> None:
         """Row-shard the token tables (`parallel.tables=row_sharded`), apply FSDP2 when the strategy provides a
-        device mesh, then `parallel.compile` (once each: Lightning calls this again for every trainer.fit / validate)."""
+        device mesh, then `parallel.compile` (once each: Lightning calls this again for every fit / validate)."""
         if self.row_sharded and self.model.table_exchange is None:
             self.model.shard_token_tables(shard_of(self.device_mesh, self.model_cfg.vocab_size), self.table_seed)
         if self.device_mesh is not None and not self._sharded:
@@ -136,7 +136,8 @@ class LMModule(L.LightningModule):
                 if torch.is_tensor(t):
                     local = t.to_local() if hasattr(t, "to_local") else t
                     held += local.numel() * local.element_size()
-        sent = self._table_bytes / self._table_steps if self.model.table_exchange is not None and self._table_steps else 0.0
+        measured = self.model.table_exchange is not None and self._table_steps
+        sent = self._table_bytes / self._table_steps if measured else 0.0
         stats = torch.tensor([float(held), sent], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)

@@ -184,7 +184,7 @@ class JTok(nn.Module):
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.jtok_scale_init)))
 
     def forward(self, h_ND: torch.Tensor, m_ND: torch.Tensor, ids_N: torch.Tensor,
-                table_VD: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                table_VD: torch.Tensor | Uncast | None = None) -> torch.Tensor:  # fmt: skip
         """`table_VD` replaces the own table with rows gathered ahead (then `ids_N` index those)."""
         own = table_VD is None
         table_VD = self.table.rows() if own else table_VD.tensor if isinstance(table_VD, Uncast) else table_VD
@@ -242,7 +242,8 @@ class Block(nn.Module):
         self.jtok_m = JTokM(cfg, deferred_tables) if cfg.modulator == "jtok_m" else None
 
     def forward(self, h_BTD, ids_BT, cos, sin, cache: KVCache | None = None, layer: int = 0,
-                table: torch.Tensor | None = None, route: Route | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                table: torch.Tensor | Uncast | None = None,
+                route: Route | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         B, T, D = h_BTD.shape
         x_BTD = self.attn_norm(h_BTD)
         h_BTD = h_BTD + self.attn(x_BTD, cos, sin, cache, layer)
