@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from project.config import ConfigError, ModelConfig
 from project.model import Transformer
-from project.table_optim import AdamWWithRowSparseTables
+from project.table_optim import AdamWWithRowSparseTables, clip_grad_norm_
 from project.table_parallel import INIT_CHUNK_ROWS, RowShard, init_rows
 
 VARIANTS = ["jtok", "jtok_m", "moe_jtok_m"]
@@ -113,6 +113,13 @@ def _check_rank(rank: int, variant: str, reference_file: str) -> None:
             dist.all_reduce(grad)
             grad = grad / WORLD
         assert_close(name, grad, expected, atol=1e-6, rtol=1e-4)
+    # Clipping's global norm: the backbone's gradients (now averaged on every rank) once, plus every rank's own rows.
+    for name, p in model.named_parameters():
+        if name not in table_names and p.grad is not None:
+            p.grad.div_(WORLD)  # all-reduced (summed) in place above
+    norm = clip_grad_norm_(list(model.parameters()), 1e9, sharded_tables=True)
+    want = torch.stack([g.double().square().sum() for g in ref["grads"].values()]).sum().sqrt().float()
+    assert_close("global gradient norm", norm, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.distributed
