@@ -29,6 +29,12 @@ def sparse_rows(rows_U: torch.Tensor, values_UD: torch.Tensor, table_shape: torc
     return torch.sparse_coo_tensor(indices, values_UD, table_shape, is_coalesced=True, check_invariants=False)
 
 
+def stand_in(table: torch.Tensor) -> torch.Tensor:
+    """A one-element stand-in with the table's shape and dtype: all `row_sparse_grad` needs of it (a backward
+    that keeps it does not keep the table alive)."""
+    return table.new_empty(()).expand(table.shape)
+
+
 def row_sparse_grad(keys: torch.Tensor, grad_rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The row-sparse gradient of `table.view(-1, d)[keys]`: each touched row once, its slots summed."""
     d = table.shape[-1]
@@ -43,7 +49,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, keys):
         ctx.save_for_backward(keys)  # not the table: only its shape and dtype are needed
-        ctx.table = table.new_empty(()).expand(table.shape)  # a one-element stand-in of its shape and dtype
+        ctx.table = stand_in(table)
         return _select_rows(table, keys)
 
     @staticmethod

@@ -17,7 +17,7 @@ from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
 from project.parallel import apply_compile, apply_fsdp, compile_backend, compute_dtype, table_mode
 from project.table_optim import all_gather_row_grads, clip_grad_norm_, clip_grad_value_
-from project.table_parallel import shard_of
+from project.table_parallel import shard_of, table_bytes_held
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -129,13 +129,8 @@ class LMModule(L.LightningModule):
         """summary.json's `tables`: how the token tables ran, the bytes of them (and of their optimizer state) each
         rank held, the bytes each rank sent per step for them (measured; row-sharded), and what FSDP2 would send
         per step if it sharded them as parameters (analytic, this run's dtypes and world size). Max over ranks."""
-        held = 0
         states = self.trainer.optimizers[0].state if self.trainer.optimizers else {}
-        for table in self.model.token_tables():
-            for t in [table.weight, *states.get(table.weight, {}).values()]:
-                if torch.is_tensor(t):
-                    local = t.to_local() if hasattr(t, "to_local") else t
-                    held += local.numel() * local.element_size()
+        held = table_bytes_held([t.weight for t in self.model.token_tables()], states)
         measured = self.model.table_exchange is not None and self._table_steps
         sent = self._table_bytes / self._table_steps if measured else 0.0
         stats = torch.tensor([float(held), sent], dtype=torch.float64, device=self.device)

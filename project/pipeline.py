@@ -288,8 +288,9 @@ def train(cfg: DictConfig, callbacks: Callable[[Any], list[Callback]] | None = N
     configured_peak = check_peak_flops((cfg.get("mfu") or {}).get("peak_flops"))
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim_cfg = OptimConfig.from_dict(optim)  # a bad optimizer setting fails here, not after the data is prepared
-    compile_backend((cfg.get("parallel") or {}).get("compile"))  # so does a bad parallel.compile
-    tables = table_mode((cfg.get("parallel") or {}).get("tables"), optim_cfg)
+    parallel = cfg.get("parallel") or {}
+    compile_backend(parallel.get("compile"))  # so does a bad parallel.compile
+    tables = table_mode(parallel.get("tables"), optim_cfg)
     check_table_strategy(tables, cfg.trainer)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

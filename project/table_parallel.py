@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels.reference import row_sparse_grad
+from kernels.reference import expert_counts, row_sparse_grad, stand_in
 from project.config import ConfigError
 
 TABLE_MODES = ("strategy", "row_sharded")  # strategy: the tables are parameters like any other (FSDP2 units, DDP)
@@ -126,11 +126,8 @@ class Route:
             keys = ids_N[self.order_N]
         else:  # JTok: each distinct id once; torch.unique sorts, so the keys are grouped by owner
             keys, self.inverse_N = torch.unique(ids_N, return_inverse=True)
-        send_W = torch.bincount(shard.owner(keys), minlength=shard.world)
-        recv_W = send_W if shard.world == 1 else torch.empty_like(send_W)
-        if shard.world > 1:
-            dist.all_to_all_single(recv_W, send_W, group=shard.group)
-            exchange.bytes_sent += (shard.world - 1) * send_W.element_size()
+        send_W = expert_counts(shard.owner(keys), shard.world)  # keys per owner
+        recv_W = exchange.all_to_all(send_W, [1] * shard.world, [1] * shard.world)
         # all_to_all takes its split sizes as Python ints: the one host synchronisation of the route.
         self.send, self.recv = send_W.tolist(), recv_W.tolist()
         self.rows_R = exchange.all_to_all(keys, self.send, self.recv) - shard.start
@@ -146,6 +143,17 @@ class Route:
         return torch.empty_like(x_sorted).index_copy_(0, self.order_N, x_sorted)
 
 
+def table_bytes_held(tables: list[torch.Tensor], optimizer_state) -> int:
+    """Bytes this rank holds of the tables and of their optimizer state (a DTensor's local shard only)."""
+    held = 0
+    for table in tables:
+        for t in [table, *optimizer_state.get(table, {}).values()]:
+            if torch.is_tensor(t):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                held += local.numel() * local.element_size()
+    return held
+
+
 class Uncast:
     """Fetched rows handed to an FSDP2 unit as they are: FSDP2 casts the floating tensors among a unit's arguments
     to its compute dtype (bf16), and the rows must stay in the tables' dtype, as a table read inside the unit does."""
@@ -156,18 +164,13 @@ class Uncast:
         self.tensor = tensor
 
 
-def _shape_of(table: torch.Tensor) -> torch.Tensor:
-    """A one-element stand-in with the table's shape and dtype (all `row_sparse_grad` needs of it)."""
-    return table.new_empty(()).expand(table.shape)
-
-
 class _FetchRows(torch.autograd.Function):
     """Every JTok layer's rows for this rank's unique ids, `[U, L, d]`, from their owners; backward returns the
     rows' gradients to the owners as row-sparse gradients of their shards."""
 
     @staticmethod
     def forward(ctx, route: Route, *shards_VD: torch.Tensor) -> torch.Tensor:
-        ctx.route, ctx.tables = route, [_shape_of(s) for s in shards_VD]
+        ctx.route, ctx.tables = route, [stand_in(s) for s in shards_VD]
         rows_RLD = torch.stack([s.index_select(0, route.rows_R) for s in shards_VD], dim=1)
         return route.to_requesters(rows_RLD)
 
@@ -206,7 +209,7 @@ class _Premix(torch.autograd.Function):
         grad_w_NK = route.unsort(route.to_requesters(grad_w_SK)).to(ctx.w_dtype)
         keys_SK = idx_SK * shard_EVD.shape[1] + rows_R
         values_SKD = w_SK[..., None] * grad_e_SD[:, None, :] / route.shard.world
-        grad_table = row_sparse_grad(keys_SK, values_SKD, _shape_of(shard_EVD)) if ctx.needs_input_grad[1] else None
+        grad_table = row_sparse_grad(keys_SK, values_SKD, stand_in(shard_EVD)) if ctx.needs_input_grad[1] else None
         return None, grad_table, None, grad_w_NK
 
 

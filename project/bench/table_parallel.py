@@ -45,7 +45,7 @@ from project.model import Transformer
 from project.optim import OptimConfig, build_optimizer
 from project.parallel import apply_fsdp
 from project.table_optim import all_gather_row_grads, clip_grad_norm_
-from project.table_parallel import RowShard
+from project.table_parallel import RowShard, table_bytes_held
 
 MODES = ("fsdp", "replicated", "row_sharded")
 FIELDS = ["variant", "V", "mode", "tables_held_mib", "held_vs_fsdp", "tables_sent_kib", "sent_vs_fsdp",
@@ -131,16 +131,6 @@ def train_step(model: Transformer, optimizer, mode: str, inputs_BT, targets_BT, 
     return exchanged
 
 
-def tables_held(model: Transformer, optimizer) -> int:
-    """Bytes of this rank's tables and their optimizer state (local shards)."""
-    held = 0
-    for table in model.token_tables():
-        for t in [table.weight, *optimizer.state.get(table.weight, {}).values()]:
-            if torch.is_tensor(t):
-                held += tensor_bytes(t.to_local() if hasattr(t, "to_local") else t)
-    return held
-
-
 def measure(args, rank: int, world: int) -> list[dict]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -161,7 +151,8 @@ def measure(args, rank: int, world: int) -> list[dict]:
                     if i > 0:  # the first step is a warm-up (optimizer state created)
                         step_sent += counter.total / args.steps
                         tables_sent += exchanged / args.steps
-                stats = torch.tensor([tables_held(model, optimizer), step_sent, tables_sent], dtype=torch.float64)
+                held = table_bytes_held([t.weight for t in model.token_tables()], optimizer.state)
+                stats = torch.tensor([held, step_sent, tables_sent], dtype=torch.float64)
                 dist.all_reduce(stats, op=dist.ReduceOp.MAX)
                 results[mode] = [float(x) for x in stats]
                 del model, optimizer
